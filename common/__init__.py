@@ -1,0 +1,1 @@
+"""What the server and the clients share: model surgery, records, data, privacy maths."""
