@@ -1,0 +1,89 @@
+"""Privacy accounting for DP-SGD and Gaussian releases (pure functions).
+
+A mechanism run is a :class:`GaussianRelease`: ``steps`` applications of the
+Poisson-subsampled Gaussian mechanism with noise multiplier ``sigma`` and sample
+rate ``q`` (``q = 1`` is the plain Gaussian mechanism). Releases compose in Renyi
+DP (Mironov 2017; Mironov, Talwar, Zhang 2019) and convert to (epsilon, delta)
+with the conversion Opacus uses (Balle et al. 2020), over Opacus's default orders.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from opacus.accountants.rdp import RDPAccountant
+
+RDP_ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS)
+
+
+@dataclass(frozen=True)
+class GaussianRelease:
+    """``steps`` runs of the sampled Gaussian mechanism (``sample_rate`` 1: unsampled)."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+def epsilon_spent(releases: Iterable[GaussianRelease], delta: float) -> float:
+    """Epsilon of all ``releases`` composed, at ``delta``; 0 when there are none."""
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must lie in (0, 1), got {delta}")
+    total = [0.0] * len(RDP_ORDERS)
+    any_release = False
+    for r in releases:
+        if r.steps <= 0:
+            continue
+        any_release = True
+        rdp = compute_rdp(q=r.sample_rate, noise_multiplier=r.noise_multiplier,
+                          steps=r.steps, orders=list(RDP_ORDERS))
+        total = [a + float(b) for a, b in zip(total, rdp, strict=True)]
+    if not any_release:
+        return 0.0
+    eps, _ = get_privacy_spent(orders=list(RDP_ORDERS), rdp=total, delta=delta)
+    return float(eps)
+
+
+def noise_for_budget(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int,
+    spent: Iterable[GaussianRelease] = (), tolerance: float = 1e-3,
+) -> float:
+    """Smallest noise multiplier keeping ``spent`` plus ``steps`` new steps within budget.
+
+    Bisection on the noise multiplier; the answer never overshoots ``target_epsilon``.
+
+    Raises
+    ------
+    ValueError
+        When even very large noise cannot fit the budget (``spent`` alone exceeds it).
+    """
+    if target_epsilon <= 0:
+        raise ValueError(f"target epsilon must be > 0, got {target_epsilon}")
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample rate must lie in (0, 1], got {sample_rate}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    spent = list(spent)
+
+    def eps_at(sigma: float) -> float:
+        return epsilon_spent([*spent, GaussianRelease(sigma, sample_rate, steps)], delta)
+
+    high = 1.0
+    while eps_at(high) > target_epsilon:
+        high *= 2
+        if high > 1e4:
+            raise ValueError(
+                f"the budget epsilon={target_epsilon} is already used up by earlier "
+                "releases; no noise level fits another release"
+            )
+    low = 0.0
+    while high - low > tolerance * max(high, 1e-3) and not math.isclose(low, high):
+        mid = (low + high) / 2
+        if mid > 0 and eps_at(mid) <= target_epsilon:
+            high = mid
+        else:
+            low = mid
+    return high
