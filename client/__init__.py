@@ -1,0 +1,1 @@
+"""The hospital side: Flower ClientApp, DP trainer and the site's privacy ledger."""

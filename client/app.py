@@ -1,0 +1,95 @@
+"""The fedshift ClientApp: local DP fine-tuning and federated evaluation at a site.
+
+Flower loads ``client.app:app``. Run settings come from the run config
+(:class:`common.federation_config.FederationConfig`); a site's own settings come
+from its node config and win over the run config where both exist:
+
+``partition-id``
+    Which simulated site this node is (set by Flower's simulation engine).
+``site-name``, ``ledger-path``, ``epsilon``, ``delta``
+    The site's name, its ledger file and its privacy budget.
+``allow-metrics`` (default true)
+    Whether evaluation metrics on the site's private test data may be released
+    (a non-DP release, recorded in the ledger).
+``device``
+    ``cuda``, ``cpu`` or ``auto`` (default: CUDA when available).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.privacy_ledger import BudgetExceeded, LedgerError
+from client.site_runtime import SiteRuntime, resolve_site
+from client.site_work import evaluate_site, train_site
+from common.federation_config import ConfigError, FederationConfig
+from common.medmnist_files import DataFileError
+from common.trainable_arrays import ArrayMismatch
+
+logger = logging.getLogger(__name__)
+
+ERROR_BUDGET_EXCEEDED = 4001
+ERROR_BAD_REQUEST = 4002
+ERROR_SITE_DATA = 4003
+ERROR_NOT_ALLOWED = 4004
+
+
+class ReleaseNotAllowed(PermissionError):
+    """The site's configuration does not allow this release."""
+
+
+def _error_reply(msg: Message, code: int, reason: str) -> Message:
+    logger.warning("refusing %s: %s", msg.metadata.message_type, reason)
+    return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def _guarded(handler: Callable[[Message, SiteRuntime], RecordDict],
+             config: FederationConfig | None) -> Callable[[Message, Context], Message]:
+    def run(msg: Message, context: Context) -> Message:
+        who = f"node {context.node_id}"
+        try:
+            cfg = config or FederationConfig.from_flower(context.run_config)
+            site = resolve_site(cfg, dict(context.node_config), str(context.run_id))
+            who = site.name
+            return Message(handler(msg, site), reply_to=msg)
+        except BudgetExceeded as exc:
+            return _error_reply(msg, ERROR_BUDGET_EXCEEDED, f"{who}: {exc}")
+        except ReleaseNotAllowed as exc:
+            return _error_reply(msg, ERROR_NOT_ALLOWED, f"{who}: {exc}")
+        except (DataFileError, LedgerError) as exc:
+            return _error_reply(msg, ERROR_SITE_DATA, f"{who}: {exc}")
+        except (ConfigError, ArrayMismatch, ValueError, KeyError) as exc:
+            return _error_reply(msg, ERROR_BAD_REQUEST, f"{who}: {type(exc).__name__}: {exc}")
+
+    return run
+
+
+def _train(msg: Message, site: SiteRuntime) -> RecordDict:
+    arrays, metrics = train_site(site, msg.content["arrays"], msg.content["config"])
+    return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
+                       "site": ConfigRecord({"name": site.name})})
+
+
+def _evaluate(msg: Message, site: SiteRuntime) -> RecordDict:
+    if not site.allow_metrics:
+        raise ReleaseNotAllowed(
+            f"site {site.name} does not release evaluation metrics (allow-metrics = false)"
+        )
+    metrics = evaluate_site(site, msg.content["arrays"], msg.content["config"])
+    return RecordDict({"metrics": MetricRecord(metrics),
+                       "site": ConfigRecord({"name": site.name})})
+
+
+def make_client_app(config: FederationConfig | None = None) -> ClientApp:
+    """A ClientApp using ``config``, or each run's Flower run config when None."""
+    app = ClientApp()
+    app.train()(_guarded(_train, config))
+    app.evaluate()(_guarded(_evaluate, config))
+    return app
+
+
+app = make_client_app()

@@ -1,0 +1,106 @@
+"""What a site does for a train or evaluate message, Flower aside."""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ArrayRecord, ConfigRecord
+
+from client.local_training import (
+    LocalTrainingConfig,
+    batches_per_epoch,
+    steps_per_round,
+    train_locally,
+)
+from client.privacy_ledger import NoisePlan
+from client.site_runtime import SiteRuntime
+from common.classification_metrics import classification_metrics
+from common.model_surgery import FedShiftModel, build_model
+from common.prediction import predict_probs
+from common.privacy_accounting import GaussianRelease, noise_for_budget
+from common.trainable_arrays import load_trainable_arrays, trainable_arrays
+
+logger = logging.getLogger(__name__)
+
+
+def _model(site: SiteRuntime, arrays: ArrayRecord) -> FedShiftModel:
+    model = build_model(site.cfg.model_spec())
+    load_trainable_arrays(model, arrays)
+    return model
+
+
+def _training_config(site: SiteRuntime, config: ConfigRecord) -> LocalTrainingConfig:
+    cfg = site.cfg
+    round_ = max(1, int(config.get("server-round", 1)))
+    return LocalTrainingConfig(
+        epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+        lr=cfg.lr * cfg.lr_decay ** (round_ - 1), optimizer=cfg.optimizer,
+        clip=cfg.clip, proximal_mu=float(config.get("proximal-mu", 0.0)),
+    )
+
+
+def noise_plan(site: SiteRuntime, num_examples: int, train_cfg: LocalTrainingConfig) -> NoisePlan:
+    """The run's noise plan: fixed at the site's first round so the planned run fits its budget."""
+    assert site.ledger is not None
+    existing = site.ledger.plan(site.run_key)
+    if existing is not None:
+        return existing
+    steps = steps_per_round(num_examples, train_cfg)
+    sample_rate = 1.0 / batches_per_epoch(num_examples, train_cfg.batch_size)
+    sigma = noise_for_budget(
+        site.ledger.target_epsilon, site.ledger.delta, sample_rate,
+        steps * site.cfg.num_rounds, spent=site.ledger.releases(),
+    )
+    plan = NoisePlan(noise_multiplier=sigma, sample_rate=sample_rate, steps_per_round=steps,
+                     planned_rounds=site.cfg.num_rounds)
+    logger.info("%s: noise multiplier %.3f for %d rounds x %d steps at sample rate %.4f",
+                site.name, sigma, plan.planned_rounds, steps, sample_rate)
+    return site.ledger.fix_plan(site.run_key, plan)
+
+
+def train_site(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord
+               ) -> tuple[ArrayRecord, dict[str, float | int]]:
+    """One round of local training; the update and its metrics, privacy charged."""
+    round_ = int(config.get("server-round", 0))
+    images, labels = site.data.images["train"], site.data.labels["train"]
+    train_cfg = _training_config(site, config)
+    metrics: dict[str, float | int] = {"num-examples": len(labels)}
+    if site.ledger is None:
+        model = _model(site, arrays)
+        outcome = train_locally(model, images, labels, train_cfg, None, site.device)
+        metrics.update({"train-loss": outcome.mean_loss, "steps": outcome.steps})
+        return trainable_arrays(model), metrics
+    plan = noise_plan(site, len(labels), train_cfg)
+    release = GaussianRelease(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
+    what = f"DP-SGD round {round_}"
+    site.ledger.check(release, what)
+    model = _model(site, arrays)
+    outcome = train_locally(model, images, labels, train_cfg, plan.noise_multiplier, site.device)
+    if outcome.steps != plan.steps_per_round:
+        raise RuntimeError(
+            f"took {outcome.steps} steps but planned {plan.steps_per_round}; nothing is sent"
+        )
+    epsilon = site.ledger.charge(release, site.run_key, round_, what)
+    site.ledger.record_allowed(site.run_key, round_, "training example count",
+                               "example-weighted aggregation")
+    metrics.update({
+        "train-loss": outcome.mean_loss, "steps": site.ledger.steps_taken(site.run_key),
+        "epsilon-spent": epsilon, "delta": site.ledger.delta,
+        "noise-multiplier": plan.noise_multiplier, "sample-rate": plan.sample_rate,
+    })
+    return trainable_arrays(model), metrics
+
+
+def evaluate_site(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord
+                  ) -> dict[str, float | int]:
+    """Metrics of the global model on the site's test split (a release the site allows)."""
+    model = _model(site, arrays)
+    labels = site.data.labels["test"].numpy()
+    probs = predict_probs(model, site.data.images["test"], site.device)
+    metrics: dict[str, float | int] = {"num-examples": len(labels)}
+    metrics.update(classification_metrics(labels, probs))
+    if site.ledger is not None:
+        site.ledger.record_allowed(site.run_key, int(config.get("server-round", 0)),
+                                   "test-set evaluation metrics", "allow-metrics")
+    return metrics
+

@@ -1,0 +1,33 @@
+"""Metrics of a classifier's predictions (scikit-learn underneath)."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import balanced_accuracy_score, log_loss, roc_auc_score
+
+
+def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Accuracy, balanced accuracy, AUROC and log loss of ``probs`` (N, C) for ``labels`` (N,).
+
+    AUROC is one-vs-rest macro for more than two classes, and NaN when the labels
+    hold a single class.
+    """
+    labels = np.asarray(labels)
+    probs = np.asarray(probs, dtype=np.float64)
+    probs = probs / probs.sum(axis=1, keepdims=True)
+    num_classes = probs.shape[1]
+    preds = probs.argmax(axis=1)
+    present = np.unique(labels)
+    if len(present) < 2:
+        auroc = float("nan")
+    elif num_classes == 2:
+        auroc = float(roc_auc_score(labels, probs[:, 1]))
+    else:
+        auroc = float(roc_auc_score(labels, probs, multi_class="ovr",
+                                    labels=list(range(num_classes))))
+    return {
+        "accuracy": float(np.mean(preds == labels)),
+        "balanced_accuracy": float(balanced_accuracy_score(labels, preds)),
+        "auroc": auroc,
+        "loss": float(log_loss(labels, np.clip(probs, 1e-12, 1), labels=list(range(num_classes)))),
+    }

@@ -1,0 +1,231 @@
+"""The settings of a federation run, as one typed, validated dataclass.
+
+Flower carries run settings as a flat mapping of hyphenated keys to str, int,
+float or bool (``[tool.flwr.app.config]`` in pyproject.toml, ``--run-config``).
+:meth:`FederationConfig.from_flower` reads such a mapping (unknown keys are an
+error, missing keys take the defaults) and :meth:`to_flower` writes one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.backbones import BACKBONES, get_backbone
+from common.model_surgery import ModelSpec
+from common.transfer_mode import TransferMode
+
+AGGREGATORS = ("fedavg", "fedadam", "fedprox")
+
+
+class ConfigError(ValueError):
+    """A setting has a value fedshift cannot use; the message says which and why."""
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Settings shared by the server and every site of one run.
+
+    Parameters
+    ----------
+    dataset : str (default: "pneumoniamnist")
+        MedMNIST flag of the data file ``<dataset>.npz``.
+    data_dir : str (default: "")
+        Directory holding the data file; empty: ``$FEDSHIFT_DATA_DIR``, then ``~/.medmnist``.
+    image_size : int (default: 64)
+        Images are resized to ``image_size`` x ``image_size``.
+    num_classes : int (default: 2)
+        Classes of the task; every site's labels must lie in ``[0, num_classes)``.
+    in_channels : int (default: 1)
+        Channels of the images (1 grey, 3 colour); the input adapter maps them to RGB.
+    num_sites : int (default: 4)
+        Number of simulated hospitals.
+    prevalences : tuple[float, ...] (default: (0.4, 0.6, 0.75, 0.9))
+        Per simulated site, the fraction of class 1 (pneumonia) in its splits.
+    backbone : str (default: "efficientnet_lite0")
+        Backbone registry name.
+    weights : str (default: "")
+        Local pretrained weights file; empty: the backbone's own source.
+    mode : str (default: "bn+head")
+        Transfer mode.
+    num_rounds : int (default: 5)
+        Federated rounds; sites plan their noise for this many.
+    local_epochs : int (default: 1)
+        Local epochs per round.
+    batch_size : int (default: 128)
+        Expected local batch size.
+    lr : float (default: 0.01)
+        Local learning rate in round 1.
+    lr_decay : float (default: 1.0)
+        Factor applied to the learning rate each round (round r uses
+        ``lr * lr_decay**(r - 1)``): later, noisier updates take smaller steps.
+    optimizer : str (default: "adam")
+        Local optimizer: ``adam`` or ``sgd``.
+    clip : float (default: 1.0)
+        Per-sample gradient norm bound.
+    dp : bool (default: True)
+        Train with DP-SGD; False is a non-private reference.
+    epsilon : float (default: 1.0)
+        Each site's privacy budget for the whole run.
+    delta : float (default: 1e-5)
+        Each site's delta.
+    aggregator : str (default: "fedavg")
+        ``fedavg`` (example-weighted), ``fedadam`` or ``fedprox``.
+    proximal_mu : float (default: 0.01)
+        FedProx proximal weight (``fedprox`` only).
+    server_lr : float (default: 0.01)
+        FedAdam server learning rate (``fedadam`` only).
+    min_sites : int (default: 0)
+        Sites that must answer for a round to aggregate; 0 means all ``num_sites``.
+    seed : int (default: 0)
+        Seed of the site partition and of local training.
+    state_dir : str (default: "fedshift-state")
+        Where the server writes its history and final parameters and simulated
+        sites keep their ledgers.
+    """
+
+    dataset: str = "pneumoniamnist"
+    data_dir: str = ""
+    image_size: int = 64
+    num_classes: int = 2
+    in_channels: int = 1
+    num_sites: int = 4
+    prevalences: tuple[float, ...] = (0.4, 0.6, 0.75, 0.9)
+    backbone: str = "efficientnet_lite0"
+    weights: str = ""
+    mode: str = "bn+head"
+    num_rounds: int = 5
+    local_epochs: int = 1
+    batch_size: int = 128
+    lr: float = 0.01
+    lr_decay: float = 1.0
+    optimizer: str = "adam"
+    clip: float = 1.0
+    dp: bool = True
+    epsilon: float = 1.0
+    delta: float = 1e-5
+    aggregator: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    min_sites: int = 0
+    seed: int = 0
+    state_dir: str = "fedshift-state"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first unusable setting."""
+        if self.backbone not in BACKBONES:
+            get_backbone(self.backbone)
+        try:
+            mode = TransferMode.parse(self.mode)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        checks = [
+            (self.image_size >= 16, f"image-size must be >= 16, got {self.image_size}"),
+            (self.num_classes >= 2, f"num-classes must be >= 2, got {self.num_classes}"),
+            (self.in_channels >= 1, f"in-channels must be >= 1, got {self.in_channels}"),
+            (self.num_sites >= 1, f"num-sites must be >= 1, got {self.num_sites}"),
+            (len(self.prevalences) == self.num_sites,
+             f"prevalences lists {len(self.prevalences)} values for {self.num_sites} sites; "
+             "give one per site"),
+            (all(0 <= p <= 1 for p in self.prevalences),
+             f"prevalences must lie in [0, 1], got {list(self.prevalences)}"),
+            (self.num_rounds >= 1, f"num-rounds must be >= 1, got {self.num_rounds}"),
+            (self.local_epochs >= 1, f"local-epochs must be >= 1, got {self.local_epochs}"),
+            (self.batch_size >= 1, f"batch-size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (0 < self.lr_decay <= 1, f"lr-decay must lie in (0, 1], got {self.lr_decay}"),
+            (self.optimizer in ("adam", "sgd"),
+             f"optimizer must be adam or sgd, got {self.optimizer!r}"),
+            (self.clip > 0, f"clip must be > 0, got {self.clip}"),
+            (not self.dp or (self.epsilon > 0 and math.isfinite(self.epsilon)),
+             f"epsilon must be a finite number > 0 (a privacy budget), got {self.epsilon}; "
+             "for a non-private run turn DP off (--no-dp)"),
+            (0 < self.delta < 1, f"delta must lie in (0, 1), got {self.delta}"),
+            (self.aggregator in AGGREGATORS,
+             f"aggregator must be one of {', '.join(AGGREGATORS)}, got {self.aggregator!r}"),
+            (self.proximal_mu >= 0, f"proximal-mu must be >= 0, got {self.proximal_mu}"),
+            (self.server_lr > 0, f"server-lr must be > 0, got {self.server_lr}"),
+            (0 <= self.min_sites <= self.num_sites,
+             f"min-sites must lie in [0, num-sites={self.num_sites}], got {self.min_sites}"),
+            (not (self.dp and not mode.allows_dp),
+             f"transfer mode {self.mode!r} keeps BatchNorm, which DP-SGD cannot train "
+             "(a sample's output would depend on its batch); it is a non-private reference: "
+             "turn DP off (--no-dp) or choose bn+head, bn, head or partial:K"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def required_sites(self) -> int:
+        return self.min_sites or self.num_sites
+
+    @classmethod
+    def from_flower(cls, values: Mapping[str, Any]) -> FederationConfig:
+        """Build from a Flower run config (hyphenated keys); unknown keys are an error."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                known = ", ".join(sorted(k.replace("_", "-") for k in fields))
+                raise ConfigError(f"unknown setting {key!r}; known settings: {known}")
+            kwargs[name] = cls._coerce(name, value)
+        return cls(**kwargs)
+
+    @classmethod
+    def _coerce(cls, name: str, value: Any) -> Any:
+        default = getattr(cls, name, None) if name != "prevalences" else ()
+        try:
+            if name == "prevalences":
+                return _floats(value) if isinstance(value, str) else tuple(map(float, value))
+            if isinstance(default, bool):
+                if isinstance(value, str):
+                    if value.lower() not in ("true", "false", "1", "0"):
+                        raise ValueError(value)
+                    return value.lower() in ("true", "1")
+                return bool(value)
+            if isinstance(default, int):
+                if isinstance(value, float) and not value.is_integer():
+                    raise ValueError(value)
+                return int(value)
+            if isinstance(default, float):
+                return float(value)
+            return str(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"setting {name.replace('_', '-')} = {value!r} is not a valid "
+                f"{type(default).__name__}"
+            ) from None
+
+    def to_flower(self) -> dict[str, bool | int | float | str]:
+        """Flat mapping with hyphenated keys, as Flower's run config holds it."""
+        out: dict[str, bool | int | float | str] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "prevalences":
+                value = ",".join(repr(float(v)) for v in value)
+            out[f.name.replace("_", "-")] = value
+        return out
+
+    def replace(self, **changes: Any) -> FederationConfig:
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def model_spec(self) -> ModelSpec:
+        """The model every participant of this run builds."""
+        return ModelSpec(
+            backbone=self.backbone, num_classes=self.num_classes, in_channels=self.in_channels,
+            mode=self.mode, weights=Path(self.weights).expanduser() if self.weights else None,
+        )
