@@ -1,0 +1,1 @@
+"""The coordinating side: Flower ServerApp, aggregation strategy and run records."""

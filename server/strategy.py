@@ -1,0 +1,136 @@
+"""FedShiftStrategy: FedAvg over the trainable parameters, with per-site records."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+logger = logging.getLogger(__name__)
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+def _site_name(msg: Message) -> str:
+    site = msg.content.config_records.get("site") if msg.has_content() else None
+    return str(site["name"]) if site and "name" in site else f"node-{msg.metadata.src_node_id}"
+
+
+class FedShiftStrategy(FedAvg):
+    """Example-weighted FedAvg of the trainable parameters, with FedAdam and FedProx options.
+
+    Besides aggregating, it keeps a per-round history with every site's own train
+    and evaluation metrics and every refusal (a site over its privacy budget, say)
+    with its reason.
+
+    Parameters
+    ----------
+    aggregator : str (default: "fedavg")
+        ``fedavg``: the example-weighted mean of the sites' parameters.
+        ``fedadam``: that mean's difference to the current global parameters is a
+        pseudo-gradient for a server-side Adam step (Reddi et al. 2021).
+        ``fedprox``: FedAvg, with ``proximal_mu`` sent to the sites.
+    proximal_mu : float (default: 0.0)
+        FedProx proximal weight sent to sites as ``proximal-mu`` (``fedprox`` only).
+    server_lr : float (default: 0.01)
+        FedAdam step size.
+    beta_1, beta_2, tau : float (default: 0.9, 0.99, 1e-3)
+        FedAdam moment decays and adaptivity.
+    on_round : callable or None (default: None)
+        Called with each round's history entry once the round's evaluation is in.
+    **fedavg_kwargs
+        Passed to :class:`flwr.serverapp.strategy.FedAvg` (sampling fractions and
+        minimum node counts).
+    """
+
+    def __init__(
+        self,
+        aggregator: str = "fedavg",
+        proximal_mu: float = 0.0,
+        server_lr: float = 0.01,
+        beta_1: float = 0.9,
+        beta_2: float = 0.99,
+        tau: float = 1e-3,
+        on_round: RoundCallback | None = None,
+        **fedavg_kwargs: Any,
+    ) -> None:
+        super().__init__(**fedavg_kwargs)
+        if aggregator not in ("fedavg", "fedadam", "fedprox"):
+            raise ValueError(f"aggregator must be fedavg, fedadam or fedprox, got {aggregator!r}")
+        self.aggregator = aggregator
+        self.proximal_mu = proximal_mu if aggregator == "fedprox" else 0.0
+        self.server_lr = server_lr
+        self.beta_1, self.beta_2, self.tau = beta_1, beta_2, tau
+        self.on_round = on_round
+        self.history: list[dict[str, Any]] = []
+        self._current: dict[str, np.ndarray] = {}
+        self._m: dict[str, np.ndarray] = {}
+        self._v: dict[str, np.ndarray] = {}
+
+    def summary(self) -> None:
+        logger.info("FedShiftStrategy: aggregator %s, proximal mu %g, server lr %g",
+                    self.aggregator, self.proximal_mu, self.server_lr)
+        super().summary()
+
+    def _entry(self, server_round: int) -> dict[str, Any]:
+        if not self.history or self.history[-1]["round"] != server_round:
+            self.history.append({"round": server_round, "train": {}, "evaluate": {},
+                                 "sites": {}, "refused": {}})
+        return self.history[-1]
+
+    def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
+        entry = self._entry(server_round)
+        for msg in replies:
+            name = _site_name(msg)
+            if msg.has_error():
+                entry["refused"][f"{name} ({phase})"] = msg.error.reason
+                continue
+            metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
+            entry["sites"].setdefault(name, {})[phase] = dict(metrics)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._current = {k: a.numpy() for k, a in arrays.items()}
+        if self.aggregator == "fedprox":
+            config["proximal-mu"] = self.proximal_mu
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self._record(server_round, "train", replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None and self.aggregator == "fedadam":
+            arrays = self._adam_step(arrays)
+        self._entry(server_round)["train"] = dict(metrics or {})
+        return arrays, metrics
+
+    def _adam_step(self, mean: ArrayRecord) -> ArrayRecord:
+        updated = {}
+        for key, avg in ((k, a.numpy()) for k, a in mean.items()):
+            delta = avg - self._current[key]
+            m = self.beta_1 * self._m.get(key, np.zeros_like(delta)) + (1 - self.beta_1) * delta
+            v = self.beta_2 * self._v.get(key, np.zeros_like(delta)) + (1 - self.beta_2) * delta**2
+            self._m[key], self._v[key] = m, v
+            updated[key] = Array((self._current[key] + self.server_lr * m / (np.sqrt(v) + self.tau))
+                                 .astype(avg.dtype))
+        return ArrayRecord(updated)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        replies = list(replies)
+        self._record(server_round, "evaluate", replies)
+        metrics = super().aggregate_evaluate(server_round, replies)
+        entry = self._entry(server_round)
+        entry["evaluate"] = dict(metrics or {})
+        if self.on_round is not None:
+            self.on_round(entry)
+        return metrics
