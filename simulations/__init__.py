@@ -1,0 +1,1 @@
+"""Simulated federations on Flower's simulation engine, benchmarks and the CLI."""

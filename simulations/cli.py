@@ -1,0 +1,153 @@
+"""The ``fedshift`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from common.backbones import BACKBONES, BackboneError
+from common.federation_config import AGGREGATORS, ConfigError, FederationConfig
+from common.medmnist_files import DataFileError
+from common.transfer_mode import MODES_HELP
+
+DEFAULTS = FederationConfig()
+
+
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "simulate", help="run a simulated federation of hospitals",
+        description="Run N simulated hospitals on Flower's simulation engine: DP fine-tuning "
+                    "of a pretrained backbone's BatchNorm scale/shift and head.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dataset", default=DEFAULTS.dataset, help="MedMNIST flag of <flag>.npz")
+    p.add_argument("--data-dir", default="",
+                   help="directory holding the data file (else $FEDSHIFT_DATA_DIR, ~/.medmnist, "
+                        "then download)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write results.json and the run's state (history, final parameters, "
+                        "ledgers) here")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    p.add_argument("--prevalences", default=",".join(map(str, DEFAULTS.prevalences)),
+                   help="pneumonia prevalence per site, comma-separated (one value per site)")
+    p.add_argument("--image-size", type=int, default=DEFAULTS.image_size)
+    p.add_argument("--backbone", default=DEFAULTS.backbone, choices=sorted(BACKBONES))
+    p.add_argument("--weights", default="", help="local pretrained weights file")
+    p.add_argument("--mode", default=DEFAULTS.mode, help=f"transfer mode: {MODES_HELP}")
+    p.add_argument("--rounds", type=int, default=DEFAULTS.num_rounds)
+    p.add_argument("--local-epochs", type=int, default=DEFAULTS.local_epochs)
+    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    p.add_argument("--lr", type=float, default=DEFAULTS.lr)
+    p.add_argument("--lr-decay", type=float, default=DEFAULTS.lr_decay,
+                   help="learning-rate factor per round")
+    p.add_argument("--optimizer", default=DEFAULTS.optimizer, choices=("adam", "sgd"))
+    p.add_argument("--clip", type=float, default=DEFAULTS.clip,
+                   help="per-sample gradient norm bound")
+    p.add_argument("--epsilon", type=float, default=DEFAULTS.epsilon,
+                   help="privacy budget per site for the whole run")
+    p.add_argument("--delta", type=float, default=DEFAULTS.delta)
+    p.add_argument("--no-dp", action="store_true", help="non-private reference run")
+    p.add_argument("--aggregator", default=DEFAULTS.aggregator, choices=AGGREGATORS)
+    p.add_argument("--proximal-mu", type=float, default=DEFAULTS.proximal_mu)
+    p.add_argument("--server-lr", type=float, default=DEFAULTS.server_lr)
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    p.add_argument("--verbose", action="store_true", help="show Flower's log")
+
+
+def _config(args: argparse.Namespace, state_dir: Path) -> FederationConfig:
+    try:
+        prevalences = tuple(float(v) for v in args.prevalences.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(
+            f"--prevalences {args.prevalences!r}: give numbers in [0, 1] separated by commas"
+        ) from None
+    return FederationConfig(
+        dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
+        num_sites=len(prevalences), prevalences=prevalences, backbone=args.backbone,
+        weights=args.weights, mode=args.mode, num_rounds=args.rounds,
+        local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr,
+        lr_decay=args.lr_decay,
+        optimizer=args.optimizer, clip=args.clip, dp=not args.no_dp, epsilon=args.epsilon,
+        delta=args.delta, aggregator=args.aggregator, proximal_mu=args.proximal_mu,
+        server_lr=args.server_lr, seed=args.seed, state_dir=str(state_dir),
+    )
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def print_results(results: dict[str, Any]) -> None:
+    """A table per site and the pooled test metrics, for people."""
+    header = f"{'site':<10}{'prev':>6}{'n_train':>9}{'acc':>8}{'bal_acc':>9}{'AUROC':>8}{'eps':>8}"
+    print(header)
+    print("-" * len(header))
+    for s in results["sites"]:
+        t = s["test"]
+        print(f"{s['name']:<10}{s['prevalence']:>6.2f}{s['train_size']:>9}"
+              f"{_fmt(t['accuracy']):>8}{_fmt(t['balanced_accuracy']):>9}{_fmt(t['auroc']):>8}"
+              f"{_fmt(s['epsilon_spent']):>8}")
+    p = results["pooled_test"]
+    print(f"{'pooled':<10}{'':>6}{'':>9}{_fmt(p['accuracy']):>8}"
+          f"{_fmt(p['balanced_accuracy']):>9}{_fmt(p['auroc']):>8}{'':>8}")
+    print(f"\nsent per site and round: {results['bytes_per_round_per_site'] / 1024:.1f} KiB "
+          f"({100 * results['bytes_fraction_of_full_model']:.2f}% of the full model's "
+          f"{results['full_model_bytes'] / 2**20:.1f} MiB)")
+    refused = {k: v for r in results["rounds"] for k, v in r["refused"].items()}
+    for who, reason in refused.items():
+        print(f"refused: {who}: {reason}")
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from simulations.runner import RESULTS_FILE, progress_callback, simulate
+
+    if args.out is not None:
+        state_dir = args.out / "state"
+        if state_dir.exists():
+            if not args.overwrite:
+                raise ConfigError(
+                    f"{args.out} already holds a run (its ledgers would carry privacy spent "
+                    "over); choose another --out or pass --overwrite"
+                )
+            shutil.rmtree(state_dir)
+    else:
+        state_dir = Path(tempfile.mkdtemp(prefix="fedshift-"))
+    cfg = _config(args, state_dir)
+    if not args.verbose:
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    on_round, close = progress_callback(cfg.num_rounds)
+    try:
+        results = simulate(cfg, args.out, on_round)
+    finally:
+        close()
+    print()
+    print_results(results)
+    if args.out is not None:
+        print(f"\nresults: {args.out / RESULTS_FILE}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fedshift`` console script."""
+    parser = argparse.ArgumentParser(prog="fedshift", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_simulate(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _simulate(args)
+    except (ConfigError, BackboneError, DataFileError) as exc:
+        print(f"fedshift: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
