@@ -1,0 +1,52 @@
+"""The fedshift command line: bad input gives a clear error and exit status 2."""
+
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import pytest
+
+from common import medmnist_files
+from simulations.cli import main
+
+
+def test_unknown_backbone(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate", "--backbone", "resnet1000"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'resnet1000'" in capsys.readouterr().err
+
+
+def test_non_positive_epsilon(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--epsilon", "0"]) == 2
+    assert "epsilon must be a finite number > 0" in capsys.readouterr().err
+
+
+def test_missing_data_file_names_file_and_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("network unreachable")
+
+    monkeypatch.setattr(medmnist_files.urllib.request, "urlopen", offline)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("FEDSHIFT_DATA_DIR", raising=False)
+    assert main(["simulate", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "pneumoniamnist.npz not found" in err
+    assert str(tmp_path / ".medmnist" / "pneumoniamnist.npz") in err
+
+
+def test_prevalences_must_be_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--prevalences", "0.2,high"]) == 2
+    assert "--prevalences" in capsys.readouterr().err
+
+
+def test_earlier_run_in_out_is_not_overwritten_silently(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "state" / "ledgers").mkdir(parents=True)
+    assert main(["simulate", "--out", str(tmp_path)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "state" / "ledgers").is_dir()

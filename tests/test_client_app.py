@@ -1,0 +1,86 @@
+"""The ClientApp: DP training charged to the ledger, refusals as error replies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from client.app import ERROR_BAD_REQUEST, ERROR_BUDGET_EXCEEDED, ERROR_NOT_ALLOWED, make_client_app
+from client.privacy_ledger import PrivacyLedger
+from common.federation_config import FederationConfig
+from common.model_surgery import build_model
+from common.privacy_accounting import epsilon_spent
+from common.trainable_arrays import trainable_arrays
+
+pytestmark = pytest.mark.usefixtures("server_identity")
+
+
+@pytest.fixture
+def cfg(small_pneumonia_dir: Path, tmp_path: Path) -> FederationConfig:
+    return FederationConfig(
+        data_dir=str(small_pneumonia_dir), image_size=32, num_sites=2, prevalences=(0.5, 0.6),
+        num_rounds=1, batch_size=32, epsilon=2.0, state_dir=str(tmp_path / "state"),
+    )
+
+
+def _send(cfg: FederationConfig, message_type: str, arrays: ArrayRecord, round_: int,
+          node_config: dict | None = None) -> Message:
+    app = make_client_app(cfg)
+    msg = Message(
+        content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": round_})}),
+        dst_node_id=7, message_type=message_type,
+    )
+    context = Context(run_id=42, node_id=7, node_config=node_config or {"partition-id": 1},
+                      state=RecordDict(), run_config={})
+    return app(msg, context)
+
+
+def test_train_reply_carries_only_trainable_arrays_and_charged_epsilon(
+    cfg: FederationConfig,
+) -> None:
+    initial = trainable_arrays(build_model(cfg.model_spec()))
+    reply = _send(cfg, MessageType.TRAIN, initial, 1)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert set(reply.content["arrays"].keys()) == set(initial.keys())
+    metrics = reply.content["metrics"]
+    ledger = PrivacyLedger(Path(cfg.state_dir) / "ledgers" / "site-1.json", 2.0, cfg.delta)
+    [entry] = [e for e in ledger.entries() if e["kind"] == "gaussian"]
+    assert metrics["epsilon-spent"] == pytest.approx(epsilon_spent(ledger.releases(), cfg.delta))
+    assert metrics["noise-multiplier"] == entry["noise_multiplier"]
+    assert metrics["sample-rate"] == entry["sample_rate"]
+    assert metrics["steps"] == entry["steps"] > 0
+    assert 0.9 * cfg.epsilon < metrics["epsilon-spent"] <= cfg.epsilon
+
+
+def test_round_beyond_the_budget_is_refused_and_nothing_is_spent(cfg: FederationConfig) -> None:
+    initial = trainable_arrays(build_model(cfg.model_spec()))
+    assert not _send(cfg, MessageType.TRAIN, initial, 1).has_error()
+    ledger_path = Path(cfg.state_dir) / "ledgers" / "site-1.json"
+    before = ledger_path.read_text()
+    reply = _send(cfg, MessageType.TRAIN, initial, 2)
+    assert reply.has_error()
+    assert reply.error.code == ERROR_BUDGET_EXCEEDED
+    assert "above its budget of 2" in reply.error.reason
+    assert ledger_path.read_text() == before
+
+
+def test_evaluation_metrics_only_where_the_site_allows_them(cfg: FederationConfig) -> None:
+    initial = trainable_arrays(build_model(cfg.model_spec()))
+    allowed = _send(cfg, MessageType.EVALUATE, initial, 1)
+    assert {"accuracy", "balanced_accuracy", "auroc", "num-examples"} <= set(
+        allowed.content["metrics"].keys())
+    refused = _send(cfg, MessageType.EVALUATE, initial, 1,
+                    {"partition-id": 1, "allow-metrics": False})
+    assert refused.error.code == ERROR_NOT_ALLOWED
+
+
+def test_arrays_for_another_model_are_refused(cfg: FederationConfig) -> None:
+    head_only = trainable_arrays(build_model(cfg.replace(mode="head").model_spec()))
+    reply = _send(cfg, MessageType.TRAIN, head_only, 1)
+    assert reply.error.code == ERROR_BAD_REQUEST
+    assert "same backbone and transfer mode" in reply.error.reason
+    assert not (Path(cfg.state_dir) / "ledgers" / "site-1.json").exists() or not [
+        e for e in PrivacyLedger(Path(cfg.state_dir) / "ledgers" / "site-1.json", 2.0,
+                                 cfg.delta).entries() if e["kind"] == "gaussian"]

@@ -1,0 +1,37 @@
+"""Run settings: validated at the edge with messages a person can act on."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.backbones import BackboneError
+from common.federation_config import ConfigError, FederationConfig
+
+
+@pytest.mark.parametrize("eps", [0.0, -0.5, float("inf")])
+def test_epsilon_must_be_a_positive_budget(eps: float) -> None:
+    with pytest.raises(ConfigError, match="epsilon must be a finite number > 0"):
+        FederationConfig(epsilon=eps)
+
+
+def test_non_private_runs_need_no_budget() -> None:
+    assert not FederationConfig(dp=False, epsilon=0.0).dp
+
+
+def test_one_prevalence_per_site() -> None:
+    with pytest.raises(ConfigError, match="one per site"):
+        FederationConfig(num_sites=3)
+
+
+def test_unknown_backbone() -> None:
+    with pytest.raises(BackboneError, match="unknown backbone"):
+        FederationConfig(backbone="vgg99")
+
+
+def test_flower_round_trip_and_unknown_keys() -> None:
+    cfg = FederationConfig(num_rounds=3, prevalences=(0.1, 0.2, 0.3, 0.4), dp=False)
+    assert FederationConfig.from_flower(cfg.to_flower()) == cfg
+    with pytest.raises(ConfigError, match="unknown setting 'rounds'"):
+        FederationConfig.from_flower({"rounds": 3})
+    with pytest.raises(ConfigError, match="batch-size = 'many' is not a valid int"):
+        FederationConfig.from_flower({"batch-size": "many"})

@@ -1,0 +1,115 @@
+"""BatchNorm swapped for frozen normalisation + affine: same outputs, exact per-sample grads."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from opacus import GradSampleModule
+from timm.layers import BatchNormAct2d
+from torch import nn
+
+from common.frozen_batchnorm import ChannelAffine, NormAffine, replace_batchnorm
+from common.model_surgery import ModelSpec, _pretrained, build_model
+
+
+def _randomise_bn(model: nn.Module, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=gen))
+            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.randn(n, generator=gen))
+            m.bias.data.copy_(torch.randn(n, generator=gen))
+
+
+def test_swapped_resnet_equals_eval_batchnorm() -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    _randomise_bn(model)
+    swapped = copy.deepcopy(model)
+    assert replace_batchnorm(swapped) == 20
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in swapped.modules())
+    x = torch.randn(4, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(swapped(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_swapped_lite0_with_real_weights_equals_eval_batchnorm() -> None:
+    reference = _pretrained("efficientnet_lite0", None)
+    swapped = copy.deepcopy(reference)
+    assert replace_batchnorm(swapped) == 49
+    x = torch.rand(3, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(swapped(x), reference(x), atol=1e-4, rtol=1e-4)
+
+
+def test_timm_batchnorm_act_keeps_its_activation() -> None:
+    bn = BatchNormAct2d(6, act_layer=nn.ReLU6).eval()
+    _randomise_bn(nn.Sequential(bn))
+    swapped = replace_batchnorm_module(bn)
+    assert isinstance(swapped.act, nn.ReLU6) and not swapped.act.inplace
+    x = torch.randn(2, 6, 5, 5) * 3
+    with torch.no_grad():
+        torch.testing.assert_close(swapped(x), bn(x), atol=1e-6, rtol=1e-6)
+
+
+def replace_batchnorm_module(bn: nn.Module) -> NormAffine:
+    holder = nn.Sequential(bn)
+    replace_batchnorm(holder)
+    return holder[0]
+
+
+def _per_sample_autograd(model: nn.Module, x: torch.Tensor, y: torch.Tensor
+                         ) -> dict[str, torch.Tensor]:
+    grads: dict[str, list[torch.Tensor]] = {}
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for i in range(len(x)):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1], reduction="sum").backward()
+        for n, p in params.items():
+            grads.setdefault(n, []).append(p.grad.detach().clone())
+    return {n: torch.stack(g) for n, g in grads.items()}
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "lite0"])
+def test_per_sample_gradients_equal_autograd(arch: str) -> None:
+    torch.manual_seed(1)
+    if arch == "resnet18":
+        # Residual blocks do `out += identity` right after a BatchNorm: the case
+        # that needs the wrapper to return a fresh tensor.
+        model = torchvision.models.resnet18(num_classes=3).eval()
+        _randomise_bn(model)
+        replace_batchnorm(model)
+        for m in model.modules():
+            if hasattr(m, "inplace"):
+                m.inplace = False
+        model.requires_grad_(False)
+        for m in model.modules():
+            if isinstance(m, ChannelAffine):
+                m.requires_grad_(True)
+        model.fc.requires_grad_(True)
+        x = torch.randn(4, 3, 32, 32)
+    else:
+        model = build_model(ModelSpec(num_classes=3, in_channels=1))
+        model.backbone.drop_rate = 0.0  # deterministic forward in train mode
+        x = torch.rand(4, 1, 32, 32)
+    # Opacus captures activations in train mode only; frozen norms ignore the mode.
+    # Double precision, so that any difference is the formula's, not rounding's.
+    model.train().double()
+    x = x.double()
+    y = torch.randint(0, 3, (len(x),))
+    expected = _per_sample_autograd(model, x, y)
+    gsm = GradSampleModule(copy.deepcopy(model), loss_reduction="sum")
+    nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
+    checked = 0
+    for name, p in gsm.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = name.removeprefix("_module.")
+        torch.testing.assert_close(p.grad_sample, expected[key], atol=1e-10, rtol=1e-8)
+        checked += 1
+    assert checked == len(expected) > 40

@@ -1,0 +1,54 @@
+"""A 2-round federation through Flower's simulation engine on a slice of real X-rays."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.federation_config import FederationConfig
+from common.model_surgery import build_model
+from common.trainable_arrays import trainable_arrays
+from server.run_records import FINAL_ARRAYS_FILE, load_arrays
+from simulations.runner import RESULTS_FILE, simulate
+from tests import independent_accountant
+
+
+@pytest.mark.slow
+def test_two_round_dp_federation(small_pneumonia_dir: Path, tmp_path: Path) -> None:
+    cfg = FederationConfig(
+        data_dir=str(small_pneumonia_dir), image_size=32, num_sites=2, prevalences=(0.4, 0.7),
+        num_rounds=2, batch_size=32, lr=0.01, epsilon=1.0, state_dir=str(tmp_path / "state"),
+    )
+    rounds_seen: list[int] = []
+    results = simulate(cfg, tmp_path, on_round=lambda entry: rounds_seen.append(entry["round"]))
+
+    written = json.loads((tmp_path / RESULTS_FILE).read_text())
+    assert written["pooled_test"] == pytest.approx(results["pooled_test"])
+    assert rounds_seen == [1, 2]
+    assert [r["round"] for r in written["rounds"]] == [1, 2]
+    for entry in written["rounds"]:
+        assert set(entry["sites"]) == {"site-0", "site-1"}
+        assert entry["refused"] == {}
+
+    for site in written["sites"]:
+        steps_per_round = site["steps"] // 2
+        expected = independent_accountant.epsilon(
+            [(site["noise_multiplier"], site["sample_rate"], 2 * steps_per_round)], site["delta"]
+        )
+        assert site["epsilon_spent"] == pytest.approx(expected, rel=1e-4)
+        assert 0.9 <= site["epsilon_spent"] <= 1.0
+        assert set(site["test"]) >= {"accuracy", "balanced_accuracy", "auroc"}
+        assert 0.0 <= site["test"]["auroc"] <= 1.0
+
+    assert set(written["pooled_test"]) >= {"accuracy", "balanced_accuracy", "auroc"}
+    assert written["pooled_test"]["auroc"] > 0.6
+    assert written["bytes_per_round_per_site"] < 0.02 * written["full_model_bytes"]
+
+    initial = trainable_arrays(build_model(cfg.model_spec()))
+    final = load_arrays(Path(cfg.state_dir) / FINAL_ARRAYS_FILE)
+    assert set(final.keys()) == set(initial.keys())
+    moved = [not np.allclose(final[k].numpy(), initial[k].numpy()) for k in initial]
+    assert all(moved)
