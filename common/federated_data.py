@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.federation_config import FederationConfig
+from common.federation_config import ConfigError, FederationConfig
 from common.image_tensors import to_model_input
 from common.medmnist_files import SPLITS, find_medmnist_file, load_medmnist
 from common.site_partition import binary_class_probs, partition_by_class_probs
@@ -39,7 +39,7 @@ def site_name(index: int) -> str:
 
 def _class_probs(cfg: FederationConfig, num_classes: int) -> np.ndarray:
     if num_classes != 2:
-        raise ValueError(
+        raise ConfigError(
             f"{cfg.dataset} has {num_classes} classes; prevalence-based site splits need a "
             "binary task"
         )
@@ -52,7 +52,13 @@ def load_federation(cfg: FederationConfig) -> tuple[SiteData, ...]:
     splits = load_medmnist(find_medmnist_file(cfg.dataset, cfg.data_dir or None))
     probs = _class_probs(cfg, splits.num_classes)
     rng = np.random.default_rng(cfg.seed)
-    per_split = {s: partition_by_class_probs(splits.labels[s], probs, rng) for s in SPLITS}
+    try:
+        per_split = {s: partition_by_class_probs(splits.labels[s], probs, rng) for s in SPLITS}
+    except ValueError as exc:
+        raise ConfigError(
+            f"cannot split {splits.source.name} into {cfg.num_sites} sites with prevalences "
+            f"{list(cfg.prevalences)}: {exc}"
+        ) from exc
     sites = []
     for i in range(cfg.num_sites):
         images = {s: to_model_input(splits.images[s][per_split[s][i]], cfg.image_size)

@@ -75,7 +75,7 @@ def _per_sample_autograd(model: nn.Module, x: torch.Tensor, y: torch.Tensor
     return {n: torch.stack(g) for n, g in grads.items()}
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "lite0"])
+@pytest.mark.parametrize("arch", ["resnet18", "lite0", "lite0-partial:2"])
 def test_per_sample_gradients_equal_autograd(arch: str) -> None:
     torch.manual_seed(1)
     if arch == "resnet18":
@@ -94,7 +94,9 @@ def test_per_sample_gradients_equal_autograd(arch: str) -> None:
         model.fc.requires_grad_(True)
         x = torch.randn(4, 3, 32, 32)
     else:
-        model = build_model(ModelSpec(num_classes=3, in_channels=1))
+        # partial:2 trains the depthwise "same"-padded convolutions of the last block.
+        mode = arch.partition("-")[2] or "bn+head"
+        model = build_model(ModelSpec(num_classes=3, in_channels=1, mode=mode))
         model.backbone.drop_rate = 0.0  # deterministic forward in train mode
         x = torch.rand(4, 1, 32, 32)
     # Opacus captures activations in train mode only; frozen norms ignore the mode.
