@@ -33,11 +33,11 @@ class LocalTrainingConfig:
         Local epochs per round (an epoch is ``1 / sample_rate`` steps).
     batch_size : int (default: 128)
         Expected batch size (Poisson sampling under DP).
-    lr : float (default: 0.01)
+    lr : float (default: 0.5)
         Learning rate of the head and scale/shift parameters.
-    optimizer : str (default: "adam")
-        ``adam`` or ``sgd`` (with momentum 0.9).
-    clip : float (default: 1.0)
+    optimizer : str (default: "sgd")
+        ``sgd`` (with momentum 0.9) or ``adam``.
+    clip : float (default: 0.1)
         Per-sample gradient norm bound under DP.
     proximal_mu : float (default: 0.0)
         FedProx proximal weight; applied as a decoupled step towards the global
@@ -48,9 +48,9 @@ class LocalTrainingConfig:
 
     epochs: int = 1
     batch_size: int = 128
-    lr: float = 0.01
-    optimizer: str = "adam"
-    clip: float = 1.0
+    lr: float = 0.5
+    optimizer: str = "sgd"
+    clip: float = 0.1
     proximal_mu: float = 0.0
     stage_decay: float = 0.5
 

@@ -84,13 +84,12 @@ def channel_affine_grad_sample(
     ``sum(g[n])`` for the shift.
     """
     x = activations[0]
-    reduce_dims = tuple(range(2, x.ndim))
     grads: dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight.requires_grad:
-        prod = backprops * x
-        grads[layer.weight] = prod.sum(dim=reduce_dims) if reduce_dims else prod
+        # A batched dot product per (sample, channel): no N x C x H x W temporary.
+        grads[layer.weight] = torch.einsum("nc...,nc...->nc", backprops, x)
     if layer.bias.requires_grad:
-        grads[layer.bias] = backprops.sum(dim=reduce_dims) if reduce_dims else backprops
+        grads[layer.bias] = torch.einsum("nc...->nc", backprops)
     return grads
 
 

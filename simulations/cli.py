@@ -46,7 +46,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=DEFAULTS.lr)
     p.add_argument("--lr-decay", type=float, default=DEFAULTS.lr_decay,
                    help="learning-rate factor per round")
-    p.add_argument("--optimizer", default=DEFAULTS.optimizer, choices=("adam", "sgd"))
+    p.add_argument("--optimizer", default=DEFAULTS.optimizer, choices=("sgd", "adam"))
     p.add_argument("--clip", type=float, default=DEFAULTS.clip,
                    help="per-sample gradient norm bound")
     p.add_argument("--epsilon", type=float, default=DEFAULTS.epsilon,
