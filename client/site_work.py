@@ -103,4 +103,3 @@ def evaluate_site(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord
         site.ledger.record_allowed(site.run_key, int(config.get("server-round", 0)),
                                    "test-set evaluation metrics", "allow-metrics")
     return metrics
-

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.backbones import BACKBONES, get_backbone
+from common.backbones import get_backbone
 from common.model_surgery import ModelSpec
 from common.transfer_mode import TransferMode
 
@@ -127,8 +127,7 @@ class FederationConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first unusable setting."""
-        if self.backbone not in BACKBONES:
-            get_backbone(self.backbone)
+        get_backbone(self.backbone)
         try:
             mode = TransferMode.parse(self.mode)
         except ValueError as exc:
@@ -189,7 +188,7 @@ class FederationConfig:
 
     @classmethod
     def _coerce(cls, name: str, value: Any) -> Any:
-        default = getattr(cls, name, None) if name != "prevalences" else ()
+        default = getattr(cls, name)
         try:
             if name == "prevalences":
                 return _floats(value) if isinstance(value, str) else tuple(map(float, value))

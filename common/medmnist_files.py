@@ -2,7 +2,7 @@
 
 Lookup order for ``<flag>.npz``: an explicit data directory, then
 ``$FEDSHIFT_DATA_DIR``, then ``~/.medmnist`` (MedMNIST's own default). When none
-holds the file it is downloaded into the first writable of those places; offline,
+holds the file it is downloaded into the first of those places; offline,
 the error names the file and where to put it.
 """
 

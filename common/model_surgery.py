@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from timm.layers import Conv2dSame
 from torch import nn
 from torch.nn import functional as F
 
@@ -98,9 +99,7 @@ def replace_same_padding_convs(model: nn.Module) -> None:
     the unpadded one. After the split the padding is a separate, parameter-free step.
     """
     for name, child in list(model.named_children()):
-        if isinstance(child, nn.Conv2d) and type(child) is not nn.Conv2d and hasattr(
-            child, "kernel_size"
-        ) and type(child).__name__ == "Conv2dSame":
+        if isinstance(child, Conv2dSame):
             setattr(model, name, nn.Sequential(SamePadding(child), _plain_conv(child)))
         else:
             replace_same_padding_convs(child)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.federation_config import FederationConfig
@@ -32,11 +32,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round: RoundCallback | 
         on_round=on_round, min_train_nodes=cfg.required_sites,
         min_evaluate_nodes=cfg.required_sites, min_available_nodes=cfg.required_sites,
     )
-    result = strategy.start(
-        grid=grid, initial_arrays=initial, num_rounds=cfg.num_rounds,
-        train_config=ConfigRecord({"num-rounds": cfg.num_rounds}),
-        evaluate_config=ConfigRecord({"num-rounds": cfg.num_rounds}),
-    )
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_rounds)
     state = Path(cfg.state_dir)
     final = result.arrays if len(result.arrays) else initial
     save_arrays(state / FINAL_ARRAYS_FILE, final)

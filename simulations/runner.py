@@ -89,13 +89,6 @@ def _pooled_test(cfg: FederationConfig) -> dict[str, float]:
     return {k: metrics[k] for k in (*TEST_METRICS, "loss")}
 
 
-def _round_rows(history: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{
-        "round": e["round"], "train": e["train"], "evaluate": e["evaluate"],
-        "sites": e["sites"], "refused": e["refused"],
-    } for e in history["rounds"]]
-
-
 def simulate(cfg: FederationConfig, out_dir: Path | None = None,
              on_round: RoundCallback | None = None) -> dict[str, Any]:
     """Run the federation ``cfg`` describes; return (and write to ``out_dir``) its results.
@@ -126,7 +119,7 @@ def simulate(cfg: FederationConfig, out_dir: Path | None = None,
         "config": cfg.to_flower(),
         "sites": _site_results(cfg, history),
         "pooled_test": _pooled_test(cfg),
-        "rounds": _round_rows(history),
+        "rounds": history["rounds"],
         "bytes_per_round_per_site": history["bytes_per_round_per_site"],
         "full_model_bytes": history["full_model_bytes"],
         "trainable_parameters": history["trainable_parameters"],
