@@ -79,6 +79,11 @@ def batches_per_epoch(num_examples: int, batch_size: int) -> int:
     return max(1, math.ceil(num_examples / batch_size))
 
 
+def poisson_sample_rate(num_examples: int, batch_size: int) -> float:
+    """Probability with which each example joins a batch under DP (Opacus's rule)."""
+    return 1.0 / batches_per_epoch(num_examples, batch_size)
+
+
 def steps_per_round(num_examples: int, cfg: LocalTrainingConfig) -> int:
     """Optimizer steps one round takes, DP or not."""
     return cfg.epochs * batches_per_epoch(num_examples, cfg.batch_size)
@@ -106,7 +111,7 @@ def train_locally(
     global_params = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(model, cfg)
     dataset = TensorDataset(images, labels)
-    sample_rate = 1.0 / batches_per_epoch(n, cfg.batch_size)
+    sample_rate = poisson_sample_rate(n, cfg.batch_size)
     criterion = nn.CrossEntropyLoss()
     if noise_multiplier is None:
         loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True)

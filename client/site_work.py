@@ -8,13 +8,14 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from client.local_training import (
     LocalTrainingConfig,
-    batches_per_epoch,
+    poisson_sample_rate,
     steps_per_round,
     train_locally,
 )
 from client.privacy_ledger import NoisePlan
 from client.site_runtime import SiteRuntime
 from common.classification_metrics import classification_metrics
+from common.federation_config import ConfigError
 from common.model_surgery import FedShiftModel, build_model
 from common.prediction import predict_probs
 from common.privacy_accounting import GaussianRelease, noise_for_budget
@@ -46,7 +47,7 @@ def noise_plan(site: SiteRuntime, num_examples: int, train_cfg: LocalTrainingCon
     if existing is not None:
         return existing
     steps = steps_per_round(num_examples, train_cfg)
-    sample_rate = 1.0 / batches_per_epoch(num_examples, train_cfg.batch_size)
+    sample_rate = poisson_sample_rate(num_examples, train_cfg.batch_size)
     sigma = noise_for_budget(
         site.ledger.target_epsilon, site.ledger.delta, sample_rate,
         steps * site.cfg.num_rounds, spent=site.ledger.releases(),
@@ -73,6 +74,15 @@ def train_site(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord
     plan = noise_plan(site, len(labels), train_cfg)
     release = GaussianRelease(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
     what = f"DP-SGD round {round_}"
+    steps = steps_per_round(len(labels), train_cfg)
+    sample_rate = poisson_sample_rate(len(labels), train_cfg.batch_size)
+    if (steps, sample_rate) != (plan.steps_per_round, plan.sample_rate):
+        raise ConfigError(
+            f"refused {what}: local training would take {steps} steps at sample rate "
+            f"{sample_rate:.4g}, but this site's noise plan for the run fixed "
+            f"{plan.steps_per_round} steps at {plan.sample_rate:.4g}, which is what the ledger "
+            "charges; restore the run's local-epochs and batch-size"
+        )
     site.ledger.check(release, what)
     model = _model(site, arrays)
     outcome = train_locally(model, images, labels, train_cfg, plan.noise_multiplier, site.device)

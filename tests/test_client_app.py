@@ -8,7 +8,9 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client.app import ERROR_BAD_REQUEST, ERROR_BUDGET_EXCEEDED, ERROR_NOT_ALLOWED, make_client_app
+from client.local_training import LocalTrainingConfig, steps_per_round
 from client.privacy_ledger import PrivacyLedger
+from common.federated_data import load_federation
 from common.federation_config import FederationConfig
 from common.model_surgery import build_model
 from common.privacy_accounting import epsilon_spent
@@ -63,6 +65,26 @@ def test_round_beyond_the_budget_is_refused_and_nothing_is_spent(cfg: Federation
     assert reply.has_error()
     assert reply.error.code == ERROR_BUDGET_EXCEEDED
     assert "above its budget of 2" in reply.error.reason
+    assert ledger_path.read_text() == before
+
+
+def test_training_settings_that_break_the_noise_plan_are_refused(cfg: FederationConfig) -> None:
+    # Same number of steps, but each example sampled twice as often as the ledger
+    # would record: it must be refused, not silently undercharged.
+    planned = cfg.replace(num_rounds=2, local_epochs=1, batch_size=16)
+    changed = planned.replace(local_epochs=2, batch_size=32)
+    n = len(load_federation(cfg)[1].labels["train"])
+    steps = [steps_per_round(n, LocalTrainingConfig(epochs=c.local_epochs,
+                                                    batch_size=c.batch_size))
+             for c in (planned, changed)]
+    assert steps[0] == steps[1]
+    initial = trainable_arrays(build_model(cfg.model_spec()))
+    assert not _send(planned, MessageType.TRAIN, initial, 1).has_error()
+    ledger_path = Path(cfg.state_dir) / "ledgers" / "site-1.json"
+    before = ledger_path.read_text()
+    reply = _send(changed, MessageType.TRAIN, initial, 2)
+    assert reply.error.code == ERROR_BAD_REQUEST
+    assert "noise plan" in reply.error.reason
     assert ledger_path.read_text() == before
 
 
