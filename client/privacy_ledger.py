@@ -7,6 +7,14 @@ the site's configuration allows (evaluation metrics, example counts), and the
 noise plan of every run. The epsilon it reports is computed from the recorded
 parameters by :func:`common.privacy_accounting.epsilon_spent`. A release that
 would take the site past its budget is refused before anything is trained or sent.
+
+Every DP release names the *part* of the site's data it reads: ``train`` (the
+labelled training records: DP-SGD, moment summaries, label histograms),
+``validation`` (the labelled validation records) or ``deployment`` (the unlabelled
+deployment pool). The parts hold disjoint records, so by parallel composition the
+site's epsilon is the largest epsilon of any one part, each part's releases
+composed sequentially. This assumes each person's records sit in one part only
+(as record-level DP assumes one record per person).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from common.privacy_accounting import GaussianRelease, epsilon_spent
 logger = logging.getLogger(__name__)
 
 LEDGER_VERSION = 1
+PARTS = ("train", "validation", "deployment")
 
 
 class BudgetExceeded(RuntimeError):
@@ -45,6 +54,7 @@ class NoisePlan:
     sample_rate: float
     steps_per_round: int
     planned_rounds: int
+    moment_noise: float = 0.0
 
 
 class PrivacyLedger:
@@ -125,24 +135,29 @@ class PrivacyLedger:
 
     # ----------------------------------------------------------------- queries
 
-    def releases(self) -> list[GaussianRelease]:
-        """Every DP release recorded, as mechanism parameters."""
+    def releases(self, part: str = "train") -> list[GaussianRelease]:
+        """Every DP release recorded on ``part`` of the data, as mechanism parameters."""
+        _check_part(part)
         return [
             GaussianRelease(r["noise_multiplier"], r["sample_rate"], r["steps"])
-            for r in self._data["releases"] if r["kind"] == "gaussian"
+            for r in self._data["releases"]
+            if r["kind"] == "gaussian" and r.get("part", "train") == part
         ]
 
     def entries(self) -> list[dict]:
         """All recorded releases (DP and allowed non-DP), oldest first."""
         return [dict(r) for r in self._data["releases"]]
 
-    def epsilon_spent(self) -> float:
-        """Epsilon of everything released so far, at the ledger's delta."""
-        return epsilon_spent(self.releases(), self.delta)
+    def epsilon_spent(self, part: str | None = None) -> float:
+        """Epsilon of everything released so far (or on ``part`` only), at the ledger's delta."""
+        if part is not None:
+            return epsilon_spent(self.releases(part), self.delta)
+        return max(epsilon_spent(self.releases(p), self.delta) for p in PARTS)
 
-    def epsilon_after(self, release: GaussianRelease) -> float:
-        """Epsilon the site would have spent after ``release``."""
-        return epsilon_spent([*self.releases(), release], self.delta)
+    def epsilon_after(self, release: GaussianRelease, part: str = "train") -> float:
+        """Epsilon the site would have spent after ``release`` on ``part``."""
+        others = [epsilon_spent(self.releases(p), self.delta) for p in PARTS if p != part]
+        return max([epsilon_spent([*self.releases(part), release], self.delta), *others])
 
     def plan(self, run_key: str) -> NoisePlan | None:
         """The noise plan fixed for ``run_key``, if any."""
@@ -150,8 +165,10 @@ class PrivacyLedger:
         return NoisePlan(**plan) if plan else None
 
     def steps_taken(self, run_key: str) -> int:
+        """DP-SGD steps recorded for ``run_key``."""
         return sum(r["steps"] for r in self._data["releases"]
-                   if r["kind"] == "gaussian" and r["run"] == run_key)
+                   if r["kind"] == "gaussian" and r["run"] == run_key
+                   and r.get("mechanism", "dp-sgd") == "dp-sgd")
 
     # ----------------------------------------------------------------- updates
 
@@ -165,23 +182,26 @@ class PrivacyLedger:
             self._write()
         return plan
 
-    def check(self, release: GaussianRelease, what: str) -> float:
+    def check(self, release: GaussianRelease, what: str, part: str = "train") -> float:
         """Raise :class:`BudgetExceeded` if ``release`` does not fit; return epsilon after it."""
-        after = self.epsilon_after(release)
+        after = self.epsilon_after(release, part)
         if after > self.target_epsilon + 1e-9:
             raise BudgetExceeded(
-                f"refused {what}: it would raise this site's epsilon from "
-                f"{self.epsilon_spent():.4f} to {after:.4f}, above its budget of "
-                f"{self.target_epsilon:g} (delta={self.delta:g}); nothing was trained or sent"
+                f"refused {what}: it would raise this site's epsilon on its {part} data from "
+                f"{self.epsilon_spent(part):.4f} to {after:.4f}, above its budget of "
+                f"{self.target_epsilon:g} (delta={self.delta:g}); nothing was computed or sent"
             )
         return after
 
-    def charge(self, release: GaussianRelease, run_key: str, round_: int, what: str) -> float:
-        """Record a DP release after checking it fits the budget; return epsilon spent."""
+    def charge(self, release: GaussianRelease, run_key: str, round_: int, what: str,
+               part: str = "train", mechanism: str = "dp-sgd") -> float:
+        """Record a DP release on ``part`` after checking it fits; return epsilon spent."""
+        _check_part(part)
         with self._locked():
-            after = self.check(release, what)
+            after = self.check(release, what, part)
             self._data["releases"].append({
                 "kind": "gaussian", "run": run_key, "round": round_, "what": what,
+                "part": part, "mechanism": mechanism,
                 "noise_multiplier": release.noise_multiplier,
                 "sample_rate": release.sample_rate, "steps": release.steps,
                 "time": time.time(),
@@ -199,3 +219,8 @@ class PrivacyLedger:
                 "allowed_by": allowed_by, "time": time.time(),
             })
             self._write()
+
+
+def _check_part(part: str) -> None:
+    if part not in PARTS:
+        raise ValueError(f"unknown data part {part!r}; parts are {', '.join(PARTS)}")
