@@ -1,0 +1,229 @@
+"""Label-shift estimation and correction from DP score histograms.
+
+A site never releases per-image predictions. It releases noisy histograms of the
+global model's *score* of each image, a fixed binning that depends on nothing
+private:
+
+* binary tasks: the logit difference ``d = logit_1 - logit_0`` in the bins of
+  :data:`BINARY_EDGES` (each bin is represented by :data:`BINARY_CENTRES`);
+* more classes: the predicted class (BBSE only).
+
+From a site's labelled validation histogram (one row per true class) and its
+unlabelled deployment-pool histogram, everything below is post-processing, so
+the server and the site compute the same numbers and no privacy is spent twice:
+
+* :func:`fit_bcts` — bias-corrected temperature scaling (Alexandari et al.
+  2020): ``p(y=1 | d) = sigmoid(a * d + b)`` fitted by weighted maximum likelihood;
+* :func:`mlls` — maximum-likelihood label shift (Saerens et al. 2002): EM for the
+  deployment priors given calibrated posteriors and their source priors;
+* :func:`bbse` — black-box shift estimation (Lipton et al. 2018): solve
+  ``C p = q`` with the confusion matrix ``C`` of predicted given true class;
+* :func:`correct_priors` — Bayes' rule ``p_t(y|x) ∝ p_s(y|x) p_t(y) / p_s(y)``;
+* :func:`concept_gap` — how much worse the labels fit than the model itself
+  expects (loss minus entropy), after prior correction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+BINARY_EDGES = np.array([-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0])
+BINARY_CENTRES = np.array([-5.0, -3.0, -1.5, -0.5, 0.5, 1.5, 3.0, 5.0])
+_EPS = 1e-12
+
+
+def num_bins(num_classes: int) -> int:
+    """Histogram cells per class row."""
+    return len(BINARY_CENTRES) if num_classes == 2 else num_classes
+
+
+def score_bins(logits: np.ndarray) -> np.ndarray:
+    """Histogram cell of each row of (N, C) ``logits``."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.shape[1] == 2:
+        return np.searchsorted(BINARY_EDGES, logits[:, 1] - logits[:, 0], side="right")
+    return logits.argmax(axis=1)
+
+
+def histogram(cells: np.ndarray, labels: np.ndarray | None, num_classes: int) -> np.ndarray:
+    """(classes, bins) counts of labelled cells, or (bins,) when ``labels`` is None."""
+    bins = num_bins(num_classes)
+    if labels is None:
+        return np.bincount(cells, minlength=bins).astype(np.float64)
+    out = np.zeros((num_classes, bins))
+    np.add.at(out, (np.asarray(labels, dtype=np.int64), cells), 1.0)
+    return out
+
+
+def predicted_class_of_bin(num_classes: int) -> np.ndarray:
+    """The class the uncalibrated model predicts for each cell."""
+    if num_classes == 2:
+        return (BINARY_CENTRES > 0).astype(np.int64)
+    return np.arange(num_classes)
+
+
+def _clean(counts: np.ndarray) -> np.ndarray:
+    return np.maximum(np.asarray(counts, dtype=np.float64), 0.0)
+
+
+def normalise(p: np.ndarray) -> np.ndarray:
+    """Project onto the probability simplex by clipping at 0 and renormalising."""
+    p = np.maximum(np.asarray(p, dtype=np.float64), 0.0)
+    s = p.sum()
+    return p / s if s > 0 else np.full(len(p), 1.0 / len(p))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """``p(y=1 | d) = sigmoid(slope * d + bias)`` (binary) with the prior it was fitted at."""
+
+    slope: float
+    bias: float
+    source_prior: tuple[float, ...]
+
+    def posterior(self, d: np.ndarray) -> np.ndarray:
+        """(N, 2) calibrated posteriors at logit differences ``d``."""
+        p1 = 1.0 / (1.0 + np.exp(-(self.slope * np.asarray(d, dtype=np.float64) + self.bias)))
+        return np.stack([1.0 - p1, p1], axis=1)
+
+
+def fit_bcts(val_hist: np.ndarray, ridge: float = 1e-3, iterations: int = 50) -> Calibration:
+    """Bias-corrected temperature scaling fitted to a (2, bins) labelled histogram.
+
+    Weighted logistic regression of the class on the bin centre by Newton's method
+    (noisy negative counts read as 0). With no usable data the identity
+    (slope 1, bias 0) is returned.
+    """
+    h = _clean(val_hist)
+    if h.shape != (2, len(BINARY_CENTRES)):
+        raise ValueError(f"expected a (2, {len(BINARY_CENTRES)}) histogram, got {h.shape}")
+    w = h.sum(axis=0)
+    prior = tuple(normalise(h.sum(axis=1)))
+    if min(h.sum(axis=1)) <= 0:
+        return Calibration(1.0, 0.0, prior)
+    x = np.stack([BINARY_CENTRES, np.ones_like(BINARY_CENTRES)], axis=1)
+    theta = np.array([1.0, 0.0])
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-(x @ theta)))
+        grad = x.T @ (h[1] - w * p) - ridge * (theta - np.array([1.0, 0.0]))
+        hess = (x * (w * p * (1 - p))[:, None]).T @ x + ridge * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        theta = theta + step
+        if np.abs(step).max() < 1e-10:
+            break
+    return Calibration(float(theta[0]), float(theta[1]), prior)
+
+
+def mlls(pool_hist: np.ndarray, posteriors: np.ndarray, source_prior: np.ndarray,
+         iterations: int = 500, tol: float = 1e-10) -> np.ndarray:
+    """Deployment priors by EM over a histogram of images with known cell posteriors.
+
+    Parameters
+    ----------
+    pool_hist : np.ndarray
+        (bins,) images per cell (noisy counts read as 0 when negative).
+    posteriors : np.ndarray
+        (bins, classes) calibrated posterior of each cell under ``source_prior``.
+    source_prior : np.ndarray
+        (classes,) priors the posteriors were calibrated at.
+    """
+    c = _clean(pool_hist)
+    src = normalise(source_prior)
+    if c.sum() <= 0:
+        return src
+    prior = src.copy()
+    for _ in range(iterations):
+        w = prior / np.maximum(src, _EPS)
+        adjusted = posteriors * w
+        adjusted /= np.maximum(adjusted.sum(axis=1, keepdims=True), _EPS)
+        new = normalise(c @ adjusted)
+        if np.abs(new - prior).max() < tol:
+            return new
+        prior = new
+    return prior
+
+
+def confusion_given_true(val_hist: np.ndarray) -> np.ndarray:
+    """(predicted, true) matrix of P(predicted | true) from (classes, bins) histograms."""
+    h = _clean(val_hist)
+    num_classes = h.shape[0]
+    pred = predicted_class_of_bin(num_classes)
+    joint = np.zeros((num_classes, num_classes))
+    for k in range(num_classes):
+        joint[k] = h[:, pred == k].sum(axis=1)
+    return joint / np.maximum(joint.sum(axis=0, keepdims=True), _EPS)
+
+
+def bbse(pool_hist: np.ndarray, confusion: np.ndarray) -> np.ndarray:
+    """Deployment priors solving ``confusion @ p = q`` (least squares, then the simplex)."""
+    num_classes = confusion.shape[0]
+    pred = predicted_class_of_bin(num_classes)
+    c = _clean(pool_hist)
+    q = normalise(np.array([c[pred == k].sum() for k in range(num_classes)]))
+    p, *_ = np.linalg.lstsq(confusion, q, rcond=None)
+    return normalise(p)
+
+
+def correct_priors(probs: np.ndarray, target_prior: np.ndarray, source_prior: np.ndarray
+                   ) -> np.ndarray:
+    """Bayes' rule: reweight (N, C) posteriors from ``source_prior`` to ``target_prior``."""
+    w = normalise(target_prior) / np.maximum(normalise(source_prior), _EPS)
+    out = np.asarray(probs, dtype=np.float64) * w
+    return out / np.maximum(out.sum(axis=1, keepdims=True), _EPS)
+
+
+def importance_weights(site_prior: np.ndarray, federation_prior: np.ndarray) -> np.ndarray:
+    """``p_site(y) / p_fed(y)`` per class."""
+    return normalise(site_prior) / np.maximum(normalise(federation_prior), _EPS)
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, bins: int = 10) -> float:
+    """Top-label ECE with ``bins`` equal-width confidence bins."""
+    probs = np.asarray(probs, dtype=np.float64)
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == np.asarray(labels)).astype(np.float64)
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
+    return float(ece)
+
+
+@dataclass(frozen=True)
+class ConceptGap:
+    """Loss minus self-expected loss on a site's labelled histogram, with its noise std."""
+
+    gap: float
+    std: float
+
+
+def concept_gap(val_hist: np.ndarray, posteriors: np.ndarray, noise_std: float) -> ConceptGap:
+    """Mean log loss minus mean predictive entropy of ``posteriors`` per cell.
+
+    A calibrated model on data whose labels mean what they meant in training has
+    an expected gap of 0, whatever the images look like (hard images raise both
+    terms). Labels that disagree with confident predictions raise only the loss.
+    ``std`` combines the DP noise on each cell with the sampling noise of the labels.
+
+    Parameters
+    ----------
+    val_hist : np.ndarray
+        (classes, bins) noisy labelled histogram.
+    posteriors : np.ndarray
+        (bins, classes) the model's prior-corrected posterior per cell.
+    noise_std : float
+        Std of the DP noise on each histogram cell.
+    """
+    h = _clean(val_hist)
+    n = max(h.sum(), 1.0)
+    p = np.clip(posteriors, 1e-6, 1.0)
+    loss = -np.log(p).T  # (classes, bins)
+    entropy = (p * -np.log(p)).sum(axis=1)  # (bins,)
+    gap = float(((h * loss).sum() - (h.sum(axis=0) * entropy).sum()) / n)
+    dp_var = noise_std**2 * float(((loss - entropy[None, :]) ** 2).sum()) / n**2
+    label_var = float((h.sum(axis=0) * ((p * loss.T**2).sum(axis=1) - entropy**2)).sum()) / n**2
+    return ConceptGap(gap, float(np.sqrt(dp_var + label_var)))
