@@ -13,6 +13,9 @@ from its node config and win over the run config where both exist:
     (a non-DP release, recorded in the ledger).
 ``device``
     ``cuda``, ``cpu`` or ``auto`` (default: CUDA when available).
+
+Besides ``train`` and ``evaluate`` it answers ``query.shift`` messages with DP
+shift summaries (:mod:`client.shift_queries`).
 """
 
 from __future__ import annotations
@@ -20,12 +23,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from client.privacy_ledger import BudgetExceeded, LedgerError
-from client.site_runtime import SiteRuntime, resolve_site
+from client.shift_queries import answer_shift_query
+from client.site_runtime import SiteLoader, SiteRuntime, resolve_site
 from client.site_work import evaluate_site, train_site
+from common.federated_data import load_federation
 from common.federation_config import ConfigError, FederationConfig
 from common.medmnist_files import DataFileError
 from common.trainable_arrays import ArrayMismatch
@@ -48,12 +63,13 @@ def _error_reply(msg: Message, code: int, reason: str) -> Message:
 
 
 def _guarded(handler: Callable[[Message, SiteRuntime], RecordDict],
-             config: FederationConfig | None) -> Callable[[Message, Context], Message]:
+             config: FederationConfig | None, load_sites: SiteLoader
+             ) -> Callable[[Message, Context], Message]:
     def run(msg: Message, context: Context) -> Message:
         who = f"node {context.node_id}"
         try:
             cfg = config or FederationConfig.from_flower(context.run_config)
-            site = resolve_site(cfg, dict(context.node_config), str(context.run_id))
+            site = resolve_site(cfg, dict(context.node_config), str(context.run_id), load_sites)
             who = site.name
             return Message(handler(msg, site), reply_to=msg)
         except BudgetExceeded as exc:
@@ -84,11 +100,26 @@ def _evaluate(msg: Message, site: SiteRuntime) -> RecordDict:
                        "site": ConfigRecord({"name": site.name})})
 
 
-def make_client_app(config: FederationConfig | None = None) -> ClientApp:
-    """A ClientApp using ``config``, or each run's Flower run config when None."""
+def _shift(msg: Message, site: SiteRuntime) -> RecordDict:
+    arrays, metrics = answer_shift_query(site, msg.content["arrays"], msg.content["config"])
+    return RecordDict({
+        "summaries": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
+        "metrics": MetricRecord(metrics),
+        "site": ConfigRecord({"name": site.name}),
+    })
+
+
+def make_client_app(config: FederationConfig | None = None,
+                    load_sites: SiteLoader = load_federation) -> ClientApp:
+    """A ClientApp using ``config`` (or each run's Flower run config when None).
+
+    ``load_sites`` gives the simulated sites' data for a config (simulations with
+    scenario files pass their own).
+    """
     app = ClientApp()
-    app.train()(_guarded(_train, config))
-    app.evaluate()(_guarded(_evaluate, config))
+    app.train()(_guarded(_train, config, load_sites))
+    app.evaluate()(_guarded(_evaluate, config, load_sites))
+    app.query("shift")(_guarded(_shift, config, load_sites))
     return app
 
 

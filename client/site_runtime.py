@@ -6,6 +6,7 @@ SuperNode (or simulated node) the ClientApp runs on.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ import torch
 from client.privacy_ledger import PrivacyLedger
 from common.federated_data import SiteData, load_federation, site_name
 from common.federation_config import ConfigError, FederationConfig
+
+SiteLoader = Callable[[FederationConfig], Sequence[SiteData]]
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,8 @@ def _flag(value: Any) -> bool:
     return value if isinstance(value, bool) else str(value).lower() in ("true", "1", "yes")
 
 
-def resolve_site(cfg: FederationConfig, node_config: dict[str, Any], run_key: str) -> SiteRuntime:
+def resolve_site(cfg: FederationConfig, node_config: dict[str, Any], run_key: str,
+                 load_sites: SiteLoader = load_federation) -> SiteRuntime:
     """Build the site's runtime; raises ConfigError when the node config is unusable."""
     if "partition-id" not in node_config:
         raise ConfigError(
@@ -54,7 +58,7 @@ def resolve_site(cfg: FederationConfig, node_config: dict[str, Any], run_key: st
     index = int(node_config["partition-id"])
     if not 0 <= index < cfg.num_sites:
         raise ConfigError(f"partition-id {index} is outside 0..{cfg.num_sites - 1}")
-    data = load_federation(cfg)[index]
+    data = load_sites(cfg)[index]
     if data.num_classes > cfg.num_classes or data.in_channels != cfg.in_channels:
         raise ConfigError(
             f"site data has {data.num_classes} classes and {data.in_channels} channels but the "

@@ -12,25 +12,26 @@ from client.local_training import (
     steps_per_round,
     train_locally,
 )
-from client.privacy_ledger import NoisePlan
+from client.privacy_ledger import BudgetExceeded, NoisePlan
 from client.site_runtime import SiteRuntime
 from common.classification_metrics import classification_metrics
 from common.federation_config import ConfigError
 from common.model_surgery import FedShiftModel, build_model
 from common.prediction import predict_probs
 from common.privacy_accounting import GaussianRelease, noise_for_budget
+from common.private_summaries import combined_noise_multiplier
 from common.trainable_arrays import load_trainable_arrays, trainable_arrays
 
 logger = logging.getLogger(__name__)
 
 
-def _model(site: SiteRuntime, arrays: ArrayRecord) -> FedShiftModel:
+def site_model(site: SiteRuntime, arrays: ArrayRecord) -> FedShiftModel:
     model = build_model(site.cfg.model_spec())
     load_trainable_arrays(model, arrays)
     return model
 
 
-def _training_config(site: SiteRuntime, config: ConfigRecord) -> LocalTrainingConfig:
+def training_config(site: SiteRuntime, config: ConfigRecord) -> LocalTrainingConfig:
     cfg = site.cfg
     round_ = max(1, int(config.get("server-round", 1)))
     return LocalTrainingConfig(
@@ -38,6 +39,15 @@ def _training_config(site: SiteRuntime, config: ConfigRecord) -> LocalTrainingCo
         lr=cfg.lr * cfg.lr_decay ** (round_ - 1), optimizer=cfg.optimizer,
         clip=cfg.clip, proximal_mu=float(config.get("proximal-mu", 0.0)),
     )
+
+
+def moment_release(moment_noise: float, rounds: int = 1) -> GaussianRelease:
+    """What ``rounds`` moment summaries at noise multiplier ``moment_noise`` cost.
+
+    Sums and counts go out together with the same multiplier: see
+    :mod:`common.private_summaries`.
+    """
+    return GaussianRelease(combined_noise_multiplier(moment_noise, moment_noise), 1.0, rounds)
 
 
 def noise_plan(site: SiteRuntime, num_examples: int, train_cfg: LocalTrainingConfig) -> NoisePlan:
@@ -48,14 +58,20 @@ def noise_plan(site: SiteRuntime, num_examples: int, train_cfg: LocalTrainingCon
         return existing
     steps = steps_per_round(num_examples, train_cfg)
     sample_rate = poisson_sample_rate(num_examples, train_cfg.batch_size)
-    sigma = noise_for_budget(
-        site.ledger.target_epsilon, site.ledger.delta, sample_rate,
-        steps * site.cfg.num_rounds, spent=site.ledger.releases(),
-    )
+    moment_noise = site.cfg.moment_noise if site.cfg.shift else 0.0
+    reserved = [moment_release(moment_noise, site.cfg.num_rounds)] if moment_noise else []
+    try:
+        sigma = noise_for_budget(
+            site.ledger.target_epsilon, site.ledger.delta, sample_rate,
+            steps * site.cfg.num_rounds, spent=[*site.ledger.releases("train"), *reserved],
+        )
+    except ValueError as exc:
+        raise BudgetExceeded(f"cannot plan the run's training: {exc}") from exc
     plan = NoisePlan(noise_multiplier=sigma, sample_rate=sample_rate, steps_per_round=steps,
-                     planned_rounds=site.cfg.num_rounds)
-    logger.info("%s: noise multiplier %.3f for %d rounds x %d steps at sample rate %.4f",
-                site.name, sigma, plan.planned_rounds, steps, sample_rate)
+                     planned_rounds=site.cfg.num_rounds, moment_noise=moment_noise)
+    logger.info("%s: noise multiplier %.3f for %d rounds x %d steps at sample rate %.4f "
+                "(moment noise %g reserved)", site.name, sigma, plan.planned_rounds, steps,
+                sample_rate, moment_noise)
     return site.ledger.fix_plan(site.run_key, plan)
 
 
@@ -64,10 +80,10 @@ def train_site(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord
     """One round of local training; the update and its metrics, privacy charged."""
     round_ = int(config.get("server-round", 0))
     images, labels = site.data.images["train"], site.data.labels["train"]
-    train_cfg = _training_config(site, config)
+    train_cfg = training_config(site, config)
     metrics: dict[str, float | int] = {"num-examples": len(labels)}
     if site.ledger is None:
-        model = _model(site, arrays)
+        model = site_model(site, arrays)
         outcome = train_locally(model, images, labels, train_cfg, None, site.device)
         metrics.update({"train-loss": outcome.mean_loss, "steps": outcome.steps})
         return trainable_arrays(model), metrics
@@ -84,7 +100,7 @@ def train_site(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord
             "charges; restore the run's local-epochs and batch-size"
         )
     site.ledger.check(release, what)
-    model = _model(site, arrays)
+    model = site_model(site, arrays)
     outcome = train_locally(model, images, labels, train_cfg, plan.noise_multiplier, site.device)
     if outcome.steps != plan.steps_per_round:
         raise RuntimeError(
@@ -104,7 +120,7 @@ def train_site(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord
 def evaluate_site(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord
                   ) -> dict[str, float | int]:
     """Metrics of the global model on the site's test split (a release the site allows)."""
-    model = _model(site, arrays)
+    model = site_model(site, arrays)
     labels = site.data.labels["test"].numpy()
     probs = predict_probs(model, site.data.images["test"], site.device)
     metrics: dict[str, float | int] = {"num-examples": len(labels)}

@@ -93,6 +93,25 @@ class FederationConfig:
     state_dir : str (default: "fedshift-state")
         Where the server writes its history and final parameters and simulated
         sites keep their ledgers.
+    shift : bool (default: True)
+        Query every site for DP shift summaries: normalisation-input moments and a
+        label histogram each round, and deployment-pool and validation score
+        histograms after the last round (see :mod:`common.covariate_score` and
+        :mod:`common.label_shift`).
+    moment_noise : float (default: 30.0)
+        Noise multiplier of each round's moment release (relative to its
+        sensitivity); the rounds' releases together act like one release at
+        ``moment_noise / sqrt(num_rounds)``. Sites reserve their cost before training.
+    moment_channels : int (default: 8)
+        Channels per normalisation layer whose moments are released (a fixed,
+        public choice shared by all sites): DP noise grows with the square root of
+        the number of released values.
+    moment_clip : float (default: 3.0)
+        Bound on the norm of one image's moment vector per layer, in units of the
+        pretrained statistics.
+    scenario : str (default: "")
+        Simulation scenario file (TOML) with ground-truth shifts; empty: sites
+        split by ``prevalences``. Only ``fedshift simulate`` reads it.
     """
 
     dataset: str = "pneumoniamnist"
@@ -121,6 +140,11 @@ class FederationConfig:
     min_sites: int = 0
     seed: int = 0
     state_dir: str = "fedshift-state"
+    shift: bool = True
+    moment_noise: float = 30.0
+    moment_channels: int = 8
+    moment_clip: float = 3.0
+    scenario: str = ""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -158,6 +182,10 @@ class FederationConfig:
              f"aggregator must be one of {', '.join(AGGREGATORS)}, got {self.aggregator!r}"),
             (self.proximal_mu >= 0, f"proximal-mu must be >= 0, got {self.proximal_mu}"),
             (self.server_lr > 0, f"server-lr must be > 0, got {self.server_lr}"),
+            (self.moment_noise > 0, f"moment-noise must be > 0, got {self.moment_noise}"),
+            (self.moment_channels >= 1,
+             f"moment-channels must be >= 1, got {self.moment_channels}"),
+            (self.moment_clip > 0, f"moment-clip must be > 0, got {self.moment_clip}"),
             (0 <= self.min_sites <= self.num_sites,
              f"min-sites must lie in [0, num-sites={self.num_sites}], got {self.min_sites}"),
             (not (self.dp and not mode.allows_dp),

@@ -10,13 +10,21 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flwr.app import Context
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.federation_config import FederationConfig
 from common.model_surgery import build_model
+from common.norm_moments import moment_layout
 from common.trainable_arrays import full_model_bytes, record_bytes, trainable_arrays
-from server.run_records import FINAL_ARRAYS_FILE, HISTORY_FILE, save_arrays, write_json
+from server.run_records import (
+    FINAL_ARRAYS_FILE,
+    HISTORY_FILE,
+    SHIFT_FILE,
+    save_arrays,
+    write_json,
+)
+from server.shift_monitor import ShiftMonitor
 from server.strategy import FedShiftStrategy, RoundCallback
 
 logger = logging.getLogger(__name__)
@@ -24,7 +32,12 @@ logger = logging.getLogger(__name__)
 
 def run_federation(grid: Grid, cfg: FederationConfig, on_round: RoundCallback | None = None
                    ) -> FedShiftStrategy:
-    """Run ``cfg.num_rounds`` rounds on ``grid``; write history and final parameters."""
+    """Run ``cfg.num_rounds`` rounds on ``grid``; write history, final parameters and shifts.
+
+    With ``cfg.shift`` (and DP on) every round ends with a moment query and the run
+    with a deployment query (:class:`server.shift_monitor.ShiftMonitor`); the
+    shift record goes to ``shift.json`` in the state directory.
+    """
     model = build_model(cfg.model_spec())
     initial = trainable_arrays(model)
     strategy = FedShiftStrategy(
@@ -32,10 +45,23 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round: RoundCallback | 
         on_round=on_round, min_train_nodes=cfg.required_sites,
         min_evaluate_nodes=cfg.required_sites, min_available_nodes=cfg.required_sites,
     )
-    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_rounds)
+    monitor = None
+    if cfg.shift and cfg.dp:
+        layout = moment_layout(model, cfg.moment_channels, cfg.moment_clip)
+        monitor = ShiftMonitor(grid, layout, cfg.num_classes)
+
+    def shift_round(server_round: int, arrays: ArrayRecord) -> None:
+        if monitor is not None and server_round > 0:
+            monitor.moments_round(server_round, arrays)
+
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_rounds,
+                            evaluate_fn=shift_round)
     state = Path(cfg.state_dir)
     final = result.arrays if len(result.arrays) else initial
     save_arrays(state / FINAL_ARRAYS_FILE, final)
+    if monitor is not None:
+        monitor.deployment(cfg.num_rounds, final)
+        write_json(state / SHIFT_FILE, monitor.report())
     write_json(state / HISTORY_FILE, {
         "config": cfg.to_flower(),
         "trainable_parameters": sum(a.numpy().size for a in initial.values()),

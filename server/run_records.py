@@ -13,6 +13,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 HISTORY_FILE = "history.json"
+SHIFT_FILE = "shift.json"
 FINAL_ARRAYS_FILE = "final_arrays.npz"
 
 

@@ -34,11 +34,17 @@ def test_two_round_dp_federation(small_pneumonia_dir: Path, tmp_path: Path) -> N
         assert entry["refused"] == {}
 
     for site in written["sites"]:
-        steps_per_round = site["steps"] // 2
-        expected = independent_accountant.epsilon(
-            [(site["noise_multiplier"], site["sample_rate"], 2 * steps_per_round)], site["delta"]
-        )
+        entries = json.loads(Path(site["ledger"]).read_text())["releases"]
+        by_part: dict[str, list] = {}
+        for e in entries:
+            if e["kind"] == "gaussian":
+                by_part.setdefault(e["part"], []).append(
+                    (e["noise_multiplier"], e["sample_rate"], e["steps"]))
+        assert set(by_part) == {"train", "validation"}
+        assert [e["mechanism"] for e in entries if e.get("part") == "train"].count("moments") == 2
+        expected = max(independent_accountant.epsilon(r, site["delta"]) for r in by_part.values())
         assert site["epsilon_spent"] == pytest.approx(expected, rel=1e-4)
+        assert 0.9 <= site["epsilon_by_part"]["train"] <= 1.0
         assert 0.9 <= site["epsilon_spent"] <= 1.0
         assert set(site["test"]) >= {"accuracy", "balanced_accuracy", "auroc"}
         assert 0.0 <= site["test"]["auroc"] <= 1.0

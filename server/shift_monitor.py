@@ -1,0 +1,203 @@
+"""The server's side of shift estimation: query every site, keep the summaries, report.
+
+Each round, after evaluation, :meth:`ShiftMonitor.moments_round` sends
+``query.shift`` (kind ``moments``) with the new global model to every site and
+scores every site's covariate shift against the rest of the federation, for the
+round alone and accumulated over the rounds so far (the flag uses the
+accumulated evidence). After the last round :meth:`ShiftMonitor.deployment`
+asks for the score histograms of each site's validation split and deployment
+pool and derives the federation's confusion matrix, every site's training and
+deployment priors (MLLS and BBSE), importance weights and concept-shift gap.
+Everything here is computed from DP releases only.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from common.covariate_score import (
+    FLAG_Z,
+    SiteMoments,
+    class_fractions,
+    covariate_scores,
+)
+from common.label_shift import (
+    BINARY_CENTRES,
+    bbse,
+    concept_gap,
+    confusion_given_true,
+    correct_priors,
+    fit_bcts,
+    importance_weights,
+    mlls,
+)
+from common.norm_moments import MomentLayout
+
+logger = logging.getLogger(__name__)
+
+QUERY_TYPE = "query.shift"
+
+
+def _site_name(msg: Message) -> str:
+    site = msg.content.config_records.get("site")
+    return str(site["name"]) if site and "name" in site else f"node-{msg.metadata.src_node_id}"
+
+
+def _sigmoid_posteriors(d: np.ndarray) -> np.ndarray:
+    p1 = 1.0 / (1.0 + np.exp(-d))
+    return np.stack([1.0 - p1, p1], axis=1)
+
+
+class ShiftMonitor:
+    """Sends shift queries and turns the DP replies into per-site shift estimates.
+
+    Parameters
+    ----------
+    grid : Grid
+        Flower grid to reach the sites.
+    layout : MomentLayout
+        The moment layout every site derives from the same model.
+    num_classes : int
+        Classes of the task.
+    timeout : float or None (default: None)
+        Seconds to wait for replies; None waits for all.
+    """
+
+    def __init__(self, grid: Grid, layout: MomentLayout, num_classes: int,
+                 timeout: float | None = None) -> None:
+        self.grid = grid
+        self.layout = layout
+        self.num_classes = num_classes
+        self.timeout = timeout
+        self.rounds: list[dict[str, Any]] = []
+        self.refused: dict[str, str] = {}
+        self._total: dict[str, SiteMoments] = {}
+        self.final: dict[str, Any] = {}
+
+    def _ask(self, kind: str, server_round: int, arrays: ArrayRecord) -> dict[str, Message]:
+        config = ConfigRecord({"kind": kind, "server-round": server_round})
+        messages = [
+            Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
+                    message_type=QUERY_TYPE)
+            for node in self.grid.get_node_ids()
+        ]
+        answers = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+            if reply.has_error() or not reply.has_content():
+                reason = reply.error.reason if reply.has_error() else "empty reply"
+                who = f"node-{reply.metadata.src_node_id} ({kind}, round {server_round})"
+                self.refused[who] = reason
+                logger.warning("shift query %s refused: %s", kind, reason)
+                continue
+            answers[_site_name(reply)] = reply
+        return answers
+
+    def _scores(self, moments: dict[str, SiteMoments]) -> dict[str, dict[str, Any]]:
+        scores = covariate_scores(moments, self.layout.layer_names,
+                                  tuple(len(c) for c in self.layout.channels), self.layout.clip)
+        return {name: s.to_dict() for name, s in scores.items()}
+
+    def moments_round(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Ask for this round's moments; score the round alone and the rounds so far."""
+        replies = self._ask("moments", server_round, arrays)
+        this_round = {}
+        for name, msg in replies.items():
+            arr = msg.content["summaries"]
+            std = float(msg.content["metrics"]["sum-noise-std"])
+            this_round[name] = SiteMoments(arr["sums"].numpy().astype(np.float64),
+                                           arr["counts"].numpy().astype(np.float64), std**2)
+            self._total[name] = (self._total[name] + this_round[name]
+                                 if name in self._total else this_round[name])
+        alone = self._scores(this_round)
+        cumulative = self._scores({n: self._total[n] for n in this_round})
+        entry = {"round": server_round, "sites": {}}
+        for name, score in cumulative.items():
+            entry["sites"][name] = {**score, "round_score": alone[name]["covariate_score"],
+                                    "round_threshold": alone[name]["covariate_threshold"]}
+        self.rounds.append(entry)
+        flagged = [n for n, s in cumulative.items() if s["covariate_flagged"]]
+        logger.info("round %d covariate shift flagged at: %s", server_round,
+                    ", ".join(flagged) or "no site")
+
+    def training_priors(self) -> dict[str, np.ndarray]:
+        """Each site's class fractions from its label histograms (all rounds pooled)."""
+        return {n: class_fractions(m.counts) for n, m in self._total.items()}
+
+    def deployment(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
+        """Ask for the validation and pool histograms; estimate priors and concept shift."""
+        replies = self._ask("deployment", server_round, arrays)
+        val = {n: m.content["summaries"]["val-hist"].numpy().astype(np.float64)
+               for n, m in replies.items()}
+        pools = {n: m.content["summaries"]["pool-hist"].numpy().astype(np.float64)
+                 for n, m in replies.items() if "pool-hist" in m.content["summaries"]}
+        noise = {n: dict(m.content["metrics"]) for n, m in replies.items()}
+        counts = sum(m.counts for m in self._total.values()) if self._total else None
+        fed_prior = class_fractions(counts) if counts is not None else class_fractions(
+            sum(v.sum(axis=1) for v in val.values()))
+        confusion = confusion_given_true(sum(val.values())) if val else None
+        training = self.training_priors()
+        sites: dict[str, Any] = {}
+        gaps = {}
+        for name, hist in val.items():
+            row: dict[str, Any] = dict(self._final_covariate(name))
+            train_prior = training.get(name, class_fractions(hist.sum(axis=1)))
+            row["training_prior"] = train_prior.tolist()
+            row["training_importance_weights"] = importance_weights(train_prior, fed_prior).tolist()
+            if self.num_classes == 2:
+                val_prior = class_fractions(hist.sum(axis=1))
+                posteriors = correct_priors(_sigmoid_posteriors(BINARY_CENTRES), val_prior,
+                                            fed_prior)
+                gaps[name] = concept_gap(hist, posteriors, noise[name]["val-noise-std"])
+            if name in pools:
+                bb = bbse(pools[name], confusion)
+                if self.num_classes == 2:
+                    cal = fit_bcts(hist)
+                    dep = mlls(pools[name], cal.posterior(BINARY_CENTRES),
+                               np.array(cal.source_prior))
+                else:
+                    dep = bb
+                row["deployment_prior"] = dep.tolist()
+                row["deployment_prior_bbse"] = bb.tolist()
+                row["importance_weights"] = importance_weights(dep, fed_prior).tolist()
+            row["metrics"] = _correction_metrics(noise[name])
+            sites[name] = row
+        if gaps:
+            median = float(np.median([g.gap for g in gaps.values()]))
+            for name, g in gaps.items():
+                threshold = FLAG_Z * g.std
+                sites[name].update({
+                    "concept_gap": g.gap - median, "concept_threshold": threshold,
+                    "concept_flagged": g.gap - median > threshold,
+                })
+        self.final = {
+            "federation_prior": fed_prior.tolist(),
+            "federation_confusion": confusion.tolist() if confusion is not None else None,
+            "sites": sites,
+        }
+        return self.final
+
+    def _final_covariate(self, name: str) -> dict[str, Any]:
+        if not self.rounds or name not in self.rounds[-1]["sites"]:
+            return {}
+        last = self.rounds[-1]["sites"][name]
+        keys = ("covariate_score", "covariate_threshold", "covariate_flagged", "top_layers")
+        return {k: last[k] for k in keys}
+
+    def report(self) -> dict[str, Any]:
+        """The ``shift`` record of a run: per-round scores, final estimates, refusals."""
+        return {"rounds": self.rounds, "final": self.final, "refused": self.refused,
+                "layers": list(self.layout.layer_names)}
+
+
+def _correction_metrics(metrics: dict[str, Any]) -> dict[str, dict[str, float]] | None:
+    out: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        variant, _, metric = key.partition(".")
+        if variant in ("raw", "uncorrected", "corrected") and metric:
+            out.setdefault(variant, {})[metric] = float(value)
+    return out or None
