@@ -15,6 +15,7 @@ from common.backbones import BACKBONES, BackboneError
 from common.federation_config import AGGREGATORS, ConfigError, FederationConfig
 from common.medmnist_files import DataFileError
 from common.transfer_mode import MODES_HELP
+from simulations.report_command import add_report_parser, run_report
 
 DEFAULTS = FederationConfig()
 
@@ -34,6 +35,10 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                    help="write results.json and the run's state (history, final parameters, "
                         "ledgers) here")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    p.add_argument("--scenario", default="",
+                   help="scenario file (TOML) with ground-truth label, covariate and concept "
+                        "shifts per site; its sites and [federation] settings replace "
+                        "--prevalences and the matching options (see simulations/scenarios/)")
     p.add_argument("--prevalences", default=",".join(map(str, DEFAULTS.prevalences)),
                    help="pneumonia prevalence per site, comma-separated (one value per site)")
     p.add_argument("--image-size", type=int, default=DEFAULTS.image_size)
@@ -76,6 +81,7 @@ def _config(args: argparse.Namespace, state_dir: Path) -> FederationConfig:
         optimizer=args.optimizer, clip=args.clip, dp=not args.no_dp, epsilon=args.epsilon,
         delta=args.delta, aggregator=args.aggregator, proximal_mu=args.proximal_mu,
         server_lr=args.server_lr, seed=args.seed, state_dir=str(state_dir),
+        scenario=str(Path(args.scenario).resolve()) if args.scenario else "",
     )
 
 
@@ -105,6 +111,7 @@ def print_results(results: dict[str, Any]) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from server.run_report import REPORT_FILE
     from simulations.runner import RESULTS_FILE, progress_callback, simulate
 
     if args.out is not None:
@@ -131,6 +138,8 @@ def _simulate(args: argparse.Namespace) -> int:
     print_results(results)
     if args.out is not None:
         print(f"\nresults: {args.out / RESULTS_FILE}")
+        if "shift" in results:
+            print(f"report: {args.out / REPORT_FILE}")
     return 0
 
 
@@ -139,10 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedshift", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_simulate(sub)
+    add_report_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "report":
+            return run_report(args)
         return _simulate(args)
     except (ConfigError, BackboneError, DataFileError) as exc:
         print(f"fedshift: error: {exc}", file=sys.stderr)
