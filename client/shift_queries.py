@@ -101,7 +101,15 @@ def moments_reply(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord
 
 
 def _part_noise(site: SiteRuntime, part: str) -> float:
+    """Noise that spends what is left of ``part``'s budget on one histogram (one per run)."""
     assert site.ledger is not None
+    earlier = [e for e in site.ledger.entries() if e.get("run") == site.run_key
+               and e.get("part") == part and e.get("mechanism") == "score-histogram"]
+    if earlier:
+        raise BudgetExceeded(
+            f"refused {part} score histogram: this run released one in round "
+            f"{earlier[0]['round']} with this part's whole budget"
+        )
     try:
         return noise_for_budget(site.ledger.target_epsilon, site.ledger.delta, 1.0, 1,
                                 spent=site.ledger.releases(part))

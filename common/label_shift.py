@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import expit
 
 BINARY_EDGES = np.array([-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0])
 BINARY_CENTRES = np.array([-5.0, -3.0, -1.5, -0.5, 0.5, 1.5, 3.0, 5.0])
@@ -85,7 +86,7 @@ class Calibration:
 
     def posterior(self, d: np.ndarray) -> np.ndarray:
         """(N, 2) calibrated posteriors at logit differences ``d``."""
-        p1 = 1.0 / (1.0 + np.exp(-(self.slope * np.asarray(d, dtype=np.float64) + self.bias)))
+        p1 = expit(self.slope * np.asarray(d, dtype=np.float64) + self.bias)
         return np.stack([1.0 - p1, p1], axis=1)
 
 
@@ -106,7 +107,7 @@ def fit_bcts(val_hist: np.ndarray, ridge: float = 1e-3, iterations: int = 50) ->
     x = np.stack([BINARY_CENTRES, np.ones_like(BINARY_CENTRES)], axis=1)
     theta = np.array([1.0, 0.0])
     for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-(x @ theta)))
+        p = expit(x @ theta)
         grad = x.T @ (h[1] - w * p) - ridge * (theta - np.array([1.0, 0.0]))
         hess = (x * (w * p * (1 - p))[:, None]).T @ x + ridge * np.eye(2)
         step = np.linalg.solve(hess, grad)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
+from scipy.special import expit
 
 from common.covariate_score import (
     FLAG_Z,
@@ -49,7 +50,7 @@ def _site_name(msg: Message) -> str:
 
 
 def _sigmoid_posteriors(d: np.ndarray) -> np.ndarray:
-    p1 = 1.0 / (1.0 + np.exp(-d))
+    p1 = expit(d)
     return np.stack([1.0 - p1, p1], axis=1)
 
 

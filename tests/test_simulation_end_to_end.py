@@ -58,3 +58,41 @@ def test_two_round_dp_federation(small_pneumonia_dir: Path, tmp_path: Path) -> N
     assert set(final.keys()) == set(initial.keys())
     moved = [not np.allclose(final[k].numpy(), initial[k].numpy()) for k in initial]
     assert all(moved)
+
+
+@pytest.mark.slow
+def test_scenario_run_scores_shift_and_writes_the_report(small_pneumonia_dir: Path,
+                                                         tmp_path: Path) -> None:
+    scenario = tmp_path / "tiny.toml"
+    scenario.write_text(
+        'name = "tiny"\nseed = 1\n[federation]\nnum_rounds = 2\n'
+        "[defaults]\ntrain = 60\nval = 24\ntest = 16\npool = 40\n"
+        "[[sites]]\nprevalence = 0.3\ndeploy_prevalence = 0.6\n"
+        "[[sites]]\nprevalence = 0.6\n"
+        '[[sites]]\nprevalence = 0.7\ndeploy_prevalence = 0.4\n'
+        'covariate = { kind = "noise", severity = 3 }\n'
+    )
+    cfg = FederationConfig(
+        data_dir=str(small_pneumonia_dir), image_size=32, batch_size=32, lr=0.1,
+        moment_channels=4, scenario=str(scenario), state_dir=str(tmp_path / "state"),
+    )
+    results = simulate(cfg, tmp_path)
+    shift = results["shift"]
+    assert [r["round"] for r in shift["rounds"]] == [1, 2]
+    assert shift["refused"] == {}
+    final = shift["final"]
+    assert set(final["sites"]) == {"site-0", "site-1", "site-2"}
+    for site in final["sites"].values():
+        assert sum(site["deployment_prior"]) == pytest.approx(1.0)
+        assert {"uncorrected", "corrected"} <= set(site["metrics"])
+    scoring = shift["scoring"]
+    truth = scoring["sites"]["site-0"]
+    assert truth["true_deployment_prior"] == pytest.approx([0.4, 0.6])
+    assert 0.0 <= truth["deployment_prior_l1"] <= 2.0
+    assert scoring["sites"]["site-2"]["shifted"] and not scoring["sites"]["site-1"]["shifted"]
+    for row in results["sites"]:
+        assert max(row["epsilon_by_part"].values()) == pytest.approx(row["epsilon_spent"])
+        assert row["epsilon_spent"] <= cfg.epsilon
+    report = (tmp_path / "report.md").read_text()
+    assert "site-2" in report
+    assert (tmp_path / "plots" / "covariate_scores.png").stat().st_size > 0

@@ -1,0 +1,103 @@
+"""query.shift at a site: DP summaries charged to the right ledger part, refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from client.app import ERROR_BAD_REQUEST, ERROR_BUDGET_EXCEEDED, make_client_app
+from client.privacy_ledger import PrivacyLedger
+from common.federated_data import SiteData, load_federation
+from common.federation_config import FederationConfig
+from common.model_surgery import build_model
+from common.norm_moments import moment_layout
+from common.trainable_arrays import trainable_arrays
+
+pytestmark = pytest.mark.usefixtures("server_identity")
+
+
+@pytest.fixture
+def cfg(small_pneumonia_dir: Path, tmp_path: Path) -> FederationConfig:
+    return FederationConfig(
+        data_dir=str(small_pneumonia_dir), image_size=32, num_sites=2, prevalences=(0.5, 0.6),
+        num_rounds=1, batch_size=32, epsilon=1.0, state_dir=str(tmp_path / "state"),
+        moment_channels=4,
+    )
+
+
+def _with_pool(cfg: FederationConfig) -> tuple[SiteData, ...]:
+    sites = load_federation(cfg)
+    return tuple(dataclasses.replace(
+        s, images={**s.images, "pool": s.images["test"]},
+        labels={**s.labels, "pool": s.labels["test"]}) for s in sites)
+
+
+def _send(cfg: FederationConfig, message_type: str, config: dict, arrays: ArrayRecord
+          ) -> Message:
+    app = make_client_app(cfg, _with_pool)
+    msg = Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(config)}),
+                  dst_node_id=7, message_type=message_type)
+    context = Context(run_id=42, node_id=7, node_config={"partition-id": 1},
+                      state=RecordDict(), run_config={})
+    return app(msg, context)
+
+
+def _ledger(cfg: FederationConfig) -> PrivacyLedger:
+    return PrivacyLedger(Path(cfg.state_dir) / "ledgers" / "site-1.json", cfg.epsilon, cfg.delta)
+
+
+def test_moments_are_charged_to_the_train_part_within_the_plan(cfg: FederationConfig) -> None:
+    model = build_model(cfg.model_spec())
+    arrays = trainable_arrays(model)
+    assert not _send(cfg, MessageType.TRAIN, {"server-round": 1}, arrays).has_error()
+    reply = _send(cfg, "query.shift", {"kind": "moments", "server-round": 1}, arrays)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    layout = moment_layout(model, cfg.moment_channels, cfg.moment_clip)
+    sums = reply.content["summaries"]["sums"].numpy()
+    assert sums.shape == (2, len(layout.layer_names), layout.width)
+    assert reply.content["summaries"]["counts"].numpy().shape == (2,)
+    metrics = reply.content["metrics"]
+    assert metrics["sum-noise-std"] == pytest.approx(cfg.moment_noise * layout.sensitivity)
+    assert metrics["count-noise-std"] == cfg.moment_noise
+    ledger = _ledger(cfg)
+    [entry] = [e for e in ledger.entries() if e.get("mechanism") == "moments"]
+    assert entry["part"] == "train"
+    assert entry["noise_multiplier"] == pytest.approx(cfg.moment_noise / math.sqrt(2))
+    # The plan reserved exactly this release: training plus moments fill the budget.
+    assert 0.95 * cfg.epsilon < ledger.epsilon_spent("train") <= cfg.epsilon
+    before = ledger.path.read_text()
+    again = _send(cfg, "query.shift", {"kind": "moments", "server-round": 2}, arrays)
+    assert again.has_error() and again.error.code == ERROR_BUDGET_EXCEEDED
+    assert ledger.path.read_text() == before
+
+
+def test_deployment_histograms_use_their_own_parts_and_report_corrections(
+    cfg: FederationConfig,
+) -> None:
+    arrays = trainable_arrays(build_model(cfg.model_spec()))
+    reply = _send(cfg, "query.shift", {"kind": "deployment", "server-round": 1}, arrays)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    summaries = reply.content["summaries"]
+    assert summaries["val-hist"].numpy().shape == (2, 8)
+    assert summaries["pool-hist"].numpy().shape == (8,)
+    ledger = _ledger(cfg)
+    for part in ("validation", "deployment"):
+        assert 0.99 * cfg.epsilon < ledger.epsilon_spent(part) <= cfg.epsilon
+    assert ledger.epsilon_spent("train") == 0.0
+    metrics = reply.content["metrics"]
+    assert metrics["val-noise-std"] == metrics["pool-noise-std"] > 0
+    assert {"corrected.nll", "uncorrected.nll", "corrected.ece", "raw.auroc"} <= set(metrics)
+    assert metrics["mlls-prior.0"] + metrics["mlls-prior.1"] == pytest.approx(1.0)
+    again = _send(cfg, "query.shift", {"kind": "deployment", "server-round": 2}, arrays)
+    assert again.has_error() and again.error.code == ERROR_BUDGET_EXCEEDED
+
+
+def test_unknown_query_kind_is_a_bad_request(cfg: FederationConfig) -> None:
+    arrays = trainable_arrays(build_model(cfg.model_spec()))
+    reply = _send(cfg, "query.shift", {"kind": "everything"}, arrays)
+    assert reply.has_error() and reply.error.code == ERROR_BAD_REQUEST
+    assert "moments, deployment" in reply.error.reason
