@@ -28,7 +28,7 @@ from flwr.app import ArrayRecord, ConfigRecord
 
 from client.privacy_ledger import BudgetExceeded
 from client.site_runtime import SiteRuntime
-from client.site_work import moment_release, noise_plan, site_model, training_config
+from client.site_work import noise_plan, site_model, training_config
 from common.classification_metrics import classification_metrics
 from common.federation_config import ConfigError
 from common.label_shift import (
@@ -43,7 +43,7 @@ from common.label_shift import (
 from common.model_surgery import FedShiftModel
 from common.norm_moments import image_moments, moment_layout
 from common.privacy_accounting import noise_for_budget
-from common.private_summaries import noisy_class_sums, noisy_histogram
+from common.private_summaries import class_sums_release, noisy_class_sums, noisy_histogram
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def moments_reply(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord
             f"refused moment summary: the run's plan reserved {plan.planned_rounds} and "
             f"{done} were released already"
         )
-    release = moment_release(plan.moment_noise)
+    release = class_sums_release(plan.moment_noise)
     what = f"moment summary round {round_}"
     site.ledger.check(release, what, "train")
     model = site_model(site, arrays)

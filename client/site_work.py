@@ -19,7 +19,7 @@ from common.federation_config import ConfigError
 from common.model_surgery import FedShiftModel, build_model
 from common.prediction import predict_probs
 from common.privacy_accounting import GaussianRelease, noise_for_budget
-from common.private_summaries import combined_noise_multiplier
+from common.private_summaries import class_sums_release
 from common.trainable_arrays import load_trainable_arrays, trainable_arrays
 
 logger = logging.getLogger(__name__)
@@ -41,15 +41,6 @@ def training_config(site: SiteRuntime, config: ConfigRecord) -> LocalTrainingCon
     )
 
 
-def moment_release(moment_noise: float, rounds: int = 1) -> GaussianRelease:
-    """What ``rounds`` moment summaries at noise multiplier ``moment_noise`` cost.
-
-    Sums and counts go out together with the same multiplier: see
-    :mod:`common.private_summaries`.
-    """
-    return GaussianRelease(combined_noise_multiplier(moment_noise, moment_noise), 1.0, rounds)
-
-
 def noise_plan(site: SiteRuntime, num_examples: int, train_cfg: LocalTrainingConfig) -> NoisePlan:
     """The run's noise plan: fixed at the site's first round so the planned run fits its budget."""
     assert site.ledger is not None
@@ -59,7 +50,7 @@ def noise_plan(site: SiteRuntime, num_examples: int, train_cfg: LocalTrainingCon
     steps = steps_per_round(num_examples, train_cfg)
     sample_rate = poisson_sample_rate(num_examples, train_cfg.batch_size)
     moment_noise = site.cfg.moment_noise if site.cfg.shift else 0.0
-    reserved = [moment_release(moment_noise, site.cfg.num_rounds)] if moment_noise else []
+    reserved = [class_sums_release(moment_noise, site.cfg.num_rounds)] if moment_noise else []
     try:
         sigma = noise_for_budget(
             site.ledger.target_epsilon, site.ledger.delta, sample_rate,

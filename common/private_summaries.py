@@ -63,6 +63,16 @@ def clip_rows(vectors: np.ndarray, bound: float) -> np.ndarray:
     return vectors * np.minimum(1.0, bound / np.maximum(norms, 1e-12))
 
 
+def class_sums_release(noise_multiplier: float, rounds: int = 1) -> GaussianRelease:
+    """What ``rounds`` releases of :func:`noisy_class_sums` at ``noise_multiplier`` cost.
+
+    Sums and counts go out together with the same multiplier, one Gaussian
+    mechanism of multiplier ``noise_multiplier / sqrt(2)``.
+    """
+    return GaussianRelease(combined_noise_multiplier(noise_multiplier, noise_multiplier), 1.0,
+                           rounds)
+
+
 @dataclass(frozen=True)
 class NoisyClassSums:
     """Per-class sums of clipped per-record vectors and per-class counts, with noise.
@@ -120,5 +130,4 @@ def noisy_class_sums(vectors: np.ndarray, labels: np.ndarray, num_classes: int,
         counts=counts + rng.normal(0.0, noise_multiplier, size=counts.shape),
         sum_noise_std=sum_std, count_noise_std=noise_multiplier,
     )
-    release = GaussianRelease(combined_noise_multiplier(noise_multiplier, noise_multiplier), 1.0, 1)
-    return noisy, release
+    return noisy, class_sums_release(noise_multiplier)
