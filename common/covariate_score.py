@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.label_shift import normalise
+
 FLAG_Z = 3.0
 TOP_LAYERS = 3
 
@@ -78,13 +80,6 @@ def _positive(counts: np.ndarray) -> np.ndarray:
     return np.maximum(counts, 1.0)
 
 
-def class_fractions(counts: np.ndarray) -> np.ndarray:
-    """Class fractions from noisy counts (negative counts read as 0)."""
-    c = np.maximum(np.asarray(counts, dtype=np.float64), 0.0)
-    total = c.sum()
-    return c / total if total > 0 else np.full(len(c), 1.0 / len(c))
-
-
 class _Divergence:
     """Debiased per-layer divergences of one site from a reference set of sites."""
 
@@ -107,7 +102,7 @@ class _Divergence:
 
     def __call__(self, site: SiteMoments, ref: SiteMoments, z: float
                  ) -> tuple[float, float, np.ndarray]:
-        prior = class_fractions(site.counts)
+        prior = normalise(site.counts)
         n_site = _positive(site.counts)
         n_ref = _positive(ref.counts)
         mean_site = site.sums.sum(axis=0)[:, :-1] / n_site.sum()

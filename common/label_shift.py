@@ -76,6 +76,12 @@ def normalise(p: np.ndarray) -> np.ndarray:
     return p / s if s > 0 else np.full(len(p), 1.0 / len(p))
 
 
+def binary_posteriors(d: np.ndarray) -> np.ndarray:
+    """(N, 2) posteriors ``[1 - sigmoid(d), sigmoid(d)]`` at logit differences ``d``."""
+    p1 = expit(np.asarray(d, dtype=np.float64))
+    return np.stack([1.0 - p1, p1], axis=1)
+
+
 @dataclass(frozen=True)
 class Calibration:
     """``p(y=1 | d) = sigmoid(slope * d + bias)`` (binary) with the prior it was fitted at."""
@@ -86,8 +92,7 @@ class Calibration:
 
     def posterior(self, d: np.ndarray) -> np.ndarray:
         """(N, 2) calibrated posteriors at logit differences ``d``."""
-        p1 = expit(self.slope * np.asarray(d, dtype=np.float64) + self.bias)
-        return np.stack([1.0 - p1, p1], axis=1)
+        return binary_posteriors(self.slope * np.asarray(d, dtype=np.float64) + self.bias)
 
 
 def fit_bcts(val_hist: np.ndarray, ridge: float = 1e-3, iterations: int = 50) -> Calibration:

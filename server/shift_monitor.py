@@ -19,23 +19,23 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from scipy.special import expit
 
 from common.covariate_score import (
     FLAG_Z,
     SiteMoments,
-    class_fractions,
     covariate_scores,
 )
 from common.label_shift import (
     BINARY_CENTRES,
     bbse,
+    binary_posteriors,
     concept_gap,
     confusion_given_true,
     correct_priors,
     fit_bcts,
     importance_weights,
     mlls,
+    normalise,
 )
 from common.norm_moments import MomentLayout
 
@@ -47,11 +47,6 @@ QUERY_TYPE = "query.shift"
 def _site_name(msg: Message) -> str:
     site = msg.content.config_records.get("site")
     return str(site["name"]) if site and "name" in site else f"node-{msg.metadata.src_node_id}"
-
-
-def _sigmoid_posteriors(d: np.ndarray) -> np.ndarray:
-    p1 = expit(d)
-    return np.stack([1.0 - p1, p1], axis=1)
 
 
 class ShiftMonitor:
@@ -127,7 +122,7 @@ class ShiftMonitor:
 
     def training_priors(self) -> dict[str, np.ndarray]:
         """Each site's class fractions from its label histograms (all rounds pooled)."""
-        return {n: class_fractions(m.counts) for n, m in self._total.items()}
+        return {n: normalise(m.counts) for n, m in self._total.items()}
 
     def deployment(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
         """Ask for the validation and pool histograms; estimate priors and concept shift."""
@@ -138,7 +133,7 @@ class ShiftMonitor:
                  for n, m in replies.items() if "pool-hist" in m.content["summaries"]}
         noise = {n: dict(m.content["metrics"]) for n, m in replies.items()}
         counts = sum(m.counts for m in self._total.values()) if self._total else None
-        fed_prior = class_fractions(counts) if counts is not None else class_fractions(
+        fed_prior = normalise(counts) if counts is not None else normalise(
             sum(v.sum(axis=1) for v in val.values()))
         confusion = confusion_given_true(sum(val.values())) if val else None
         training = self.training_priors()
@@ -146,12 +141,12 @@ class ShiftMonitor:
         gaps = {}
         for name, hist in val.items():
             row: dict[str, Any] = dict(self._final_covariate(name))
-            train_prior = training.get(name, class_fractions(hist.sum(axis=1)))
+            train_prior = training.get(name, normalise(hist.sum(axis=1)))
             row["training_prior"] = train_prior.tolist()
             row["training_importance_weights"] = importance_weights(train_prior, fed_prior).tolist()
             if self.num_classes == 2:
-                val_prior = class_fractions(hist.sum(axis=1))
-                posteriors = correct_priors(_sigmoid_posteriors(BINARY_CENTRES), val_prior,
+                val_prior = normalise(hist.sum(axis=1))
+                posteriors = correct_priors(binary_posteriors(BINARY_CENTRES), val_prior,
                                             fed_prior)
                 gaps[name] = concept_gap(hist, posteriors, noise[name]["val-noise-std"])
             if name in pools:
