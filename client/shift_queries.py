@@ -40,8 +40,8 @@ from common.label_shift import (
     mlls,
     score_bins,
 )
-from common.model_surgery import FedShiftModel
 from common.norm_moments import image_moments, moment_layout
+from common.prediction import predict_logits
 from common.privacy_accounting import noise_for_budget
 from common.private_summaries import class_sums_release, noisy_class_sums, noisy_histogram
 
@@ -52,13 +52,6 @@ QUERY_KINDS = ("moments", "deployment")
 
 def _rng() -> np.random.Generator:
     return np.random.default_rng()
-
-
-@torch.no_grad()
-def _logits(model: FedShiftModel, images: torch.Tensor, device: torch.device) -> np.ndarray:
-    model.to(device).eval()
-    out = [model(images[i:i + 256].to(device)).double().cpu() for i in range(0, len(images), 256)]
-    return torch.cat(out).numpy() if out else np.zeros((0, 2))
 
 
 def moments_reply(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord
@@ -132,7 +125,7 @@ def deployment_reply(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecor
     round_ = int(config.get("server-round", 0))
     k = site.cfg.num_classes
     model = site_model(site, arrays)
-    val_logits = _logits(model, site.data.images["val"], site.device)
+    val_logits = predict_logits(model, site.data.images["val"], site.device)
     val_labels = site.data.labels["val"].numpy()
     z_val = _part_noise(site, "validation")
     val_hist, release = noisy_histogram(histogram(score_bins(val_logits), val_labels, k),
@@ -142,7 +135,7 @@ def deployment_reply(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecor
     arrays_out: dict[str, np.ndarray] = {"val-hist": val_hist}
     metrics: dict[str, float] = {"val-noise-std": z_val}
     if "pool" in site.data.images and len(site.data.images["pool"]):
-        pool_logits = _logits(model, site.data.images["pool"], site.device)
+        pool_logits = predict_logits(model, site.data.images["pool"], site.device)
         z_pool = _part_noise(site, "deployment")
         pool_hist, release = noisy_histogram(histogram(score_bins(pool_logits), None, k),
                                              z_pool, _rng())

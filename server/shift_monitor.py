@@ -38,15 +38,11 @@ from common.label_shift import (
     normalise,
 )
 from common.norm_moments import MomentLayout
+from server.strategy import reply_site_name
 
 logger = logging.getLogger(__name__)
 
 QUERY_TYPE = "query.shift"
-
-
-def _site_name(msg: Message) -> str:
-    site = msg.content.config_records.get("site")
-    return str(site["name"]) if site and "name" in site else f"node-{msg.metadata.src_node_id}"
 
 
 class ShiftMonitor:
@@ -90,7 +86,7 @@ class ShiftMonitor:
                 self.refused[who] = reason
                 logger.warning("shift query %s refused: %s", kind, reason)
                 continue
-            answers[_site_name(reply)] = reply
+            answers[reply_site_name(reply)] = reply
         return answers
 
     def _scores(self, moments: dict[str, SiteMoments]) -> dict[str, dict[str, Any]]:

@@ -16,7 +16,8 @@ logger = logging.getLogger(__name__)
 RoundCallback = Callable[[dict[str, Any]], None]
 
 
-def _site_name(msg: Message) -> str:
+def reply_site_name(msg: Message) -> str:
+    """The site name a reply carries, else ``node-<id>`` (error replies carry none)."""
     site = msg.content.config_records.get("site") if msg.has_content() else None
     return str(site["name"]) if site and "name" in site else f"node-{msg.metadata.src_node_id}"
 
@@ -86,7 +87,7 @@ class FedShiftStrategy(FedAvg):
     def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
         entry = self._entry(server_round)
         for msg in replies:
-            name = _site_name(msg)
+            name = reply_site_name(msg)
             if msg.has_error():
                 entry["refused"][f"{name} ({phase})"] = msg.error.reason
                 continue
