@@ -37,14 +37,13 @@ from server.run_records import (
     load_arrays,
     write_json,
 )
-from server.run_report import write_report
+from server.run_report import RESULTS_FILE, write_report
 from server.strategy import RoundCallback
 from simulations.scenario import SiteTruth, build_sites, load_scenario
 from simulations.shift_scoring import score_shift
 
 logger = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.json"
 TEST_METRICS = ("accuracy", "balanced_accuracy", "auroc")
 
 
