@@ -20,6 +20,7 @@ Two kinds, chosen by the message's ``kind`` config value:
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,35 @@ def _rng() -> np.random.Generator:
     return np.random.default_rng()
 
 
+def _centre(config: ConfigRecord, shape: tuple[int, int, int]) -> np.ndarray:
+    """The server's per-class feature centre from the query (zeros when it sends none)."""
+    values = config.get("moment-centre")
+    if values is None:
+        return np.zeros(shape)
+    centre = np.asarray(values, dtype=np.float64)
+    if centre.size != int(np.prod(shape)) or not np.all(np.isfinite(centre)):
+        raise ConfigError(
+            f"moment-centre must hold {int(np.prod(shape))} finite numbers "
+            f"(classes x layers x features = {' x '.join(map(str, shape))}), got {centre.size}; "
+            "the server and this site disagree on the model or moment-layers"
+        )
+    return centre.reshape(shape)
+
+
+def _clip(config: ConfigRecord, default: float) -> float:
+    """The round's block clip: the server's choice, else the site's.
+
+    The ledger's cost depends on the noise multiplier only; the noise added scales
+    with the clip, so a server asking for a wide clip gets noisier sums, not more
+    privacy spent.
+    """
+    value = config.get("moment-clip", default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (
+            math.isfinite(value) and value > 0):
+        raise ConfigError(f"moment-clip must be a positive number, got {value!r}")
+    return float(value)
+
+
 def moments_reply(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord
                   ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """The round's DP moment sums and label histogram of the site's training split."""
@@ -78,8 +108,9 @@ def moments_reply(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord
     what = f"moment summary round {round_}"
     site.ledger.check(release, what, "train")
     model = site_model(site, arrays)
-    layout = moment_layout(model, site.cfg.moment_channels, site.cfg.moment_clip)
-    blocks = image_moments(model, layout, images, site.device)
+    layout = moment_layout(model, site.cfg.moment_layers, _clip(config, site.cfg.moment_clip))
+    centre = _centre(config, layout.centre_shape(site.cfg.num_classes))
+    blocks = image_moments(model, layout, images, labels.numpy(), centre, site.device)
     noisy, release = noisy_class_sums(
         blocks.reshape(len(blocks), -1), labels.numpy(), site.cfg.num_classes,
         layout.sensitivity, plan.moment_noise, _rng(),

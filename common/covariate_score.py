@@ -12,9 +12,10 @@ group of sites consistent with one another (:func:`consensus_core`), so that
 several shifted sites do not move the yardstick of the others.
 
 Per layer ``l`` the divergence is the mean squared difference of the released
-moments (standardised units; the squared MMD of a quadratic-polynomial kernel),
-made unbiased by subtracting the variance ``tau^2`` that the DP noise and the
-finite sample add to each squared difference. The score averages layers.
+features (mean offset and spread of the layer's standardised input, see
+:mod:`common.norm_moments`), made unbiased by subtracting the variance ``tau^2``
+that the DP noise, the noisy counts and the finite sample add to each squared
+difference. The score averages layers.
 
 The threshold accounts for both: with no shift, each squared difference minus
 ``tau^2`` has mean 0 and variance ``2 tau^4`` (Gaussian errors), so the score has a
@@ -47,15 +48,19 @@ class SiteMoments:
         (classes,) noisy per-class counts.
     sum_noise_var : float
         Variance of the noise on each entry of ``sums``.
+    count_noise_var : float (default: 0.0)
+        Variance of the noise on each entry of ``counts``.
     """
 
     sums: np.ndarray
     counts: np.ndarray
     sum_noise_var: float
+    count_noise_var: float = 0.0
 
     def __add__(self, other: SiteMoments) -> SiteMoments:
         return SiteMoments(self.sums + other.sums, self.counts + other.counts,
-                           self.sum_noise_var + other.sum_noise_var)
+                           self.sum_noise_var + other.sum_noise_var,
+                           self.count_noise_var + other.count_noise_var)
 
 
 @dataclass(frozen=True)
@@ -83,22 +88,18 @@ def _positive(counts: np.ndarray) -> np.ndarray:
 class _Divergence:
     """Debiased per-layer divergences of one site from a reference set of sites."""
 
-    def __init__(self, layer_names: tuple[str, ...], channels_per_layer: tuple[int, ...],
-                 clip: float, width: int) -> None:
+    def __init__(self, layer_names: tuple[str, ...], clip: float, width: int) -> None:
         self.layer_names = layer_names
-        self.widths = np.array([2 * c for c in channels_per_layer])
+        self.features = width - 1
         self.clip = clip
-        self.mask = np.zeros((len(layer_names), width - 1), dtype=bool)
-        for j, w in enumerate(self.widths):
-            self.mask[j, :w] = True
 
     def spread(self, ref: SiteMoments) -> np.ndarray:
         """(classes, layers) per-coordinate variance of per-image values within each class."""
         n = _positive(ref.counts)[:, None, None]
         mean = ref.sums / n
         second = self.clip * mean[:, :, -1]
-        within = second - (mean[:, :, :-1] ** 2 * self.mask).sum(axis=2)
-        return np.maximum(within, 0.0) / self.widths
+        within = second - (mean[:, :, :-1] ** 2).sum(axis=2)
+        return np.maximum(within, 0.0) / self.features
 
     def __call__(self, site: SiteMoments, ref: SiteMoments, z: float
                  ) -> tuple[float, float, np.ndarray]:
@@ -109,12 +110,22 @@ class _Divergence:
         mean_ref = np.einsum("y,ylw->lw", prior / n_ref, ref.sums[:, :, :-1])
         noise = (len(prior) * site.sum_noise_var / n_site.sum() ** 2
                  + np.sum(prior**2 / n_ref**2) * ref.sum_noise_var)
+        # A noisy count scales a whole mean: its error is the mean times the count's
+        # relative error (small when the sites centred their features well).
+        ref_means = ref.sums[:, :, :-1] / n_ref[:, None, None]
+        counting = (mean_site**2 * len(prior) * site.count_noise_var / n_site.sum() ** 2
+                    + np.einsum("y,ylw->lw", prior**2 * ref.count_noise_var / n_ref**2,
+                                ref_means**2))
         weights = prior**2 * (1.0 / n_site + 1.0 / n_ref)
         sampling = np.einsum("y,yl->l", weights, self.spread(ref))
-        tau2 = (noise + sampling)[:, None] * np.ones_like(mean_site)
-        excess = np.where(self.mask, (mean_site - mean_ref) ** 2 - tau2, 0.0)
-        layer = excess.sum(axis=1) / self.widths
-        var = float(np.sum(np.where(self.mask, 2 * tau2**2, 0.0) / self.widths[:, None] ** 2))
+        independent = (noise + sampling)[:, None] * np.ones_like(counting)
+        excess = (mean_site - mean_ref) ** 2 - independent - counting
+        layer = excess.mean(axis=1)
+        # A count error moves every coordinate at once, so its part of the squared
+        # differences is correlated across coordinates: it adds to the variance of
+        # their sum as one term, not as many independent ones.
+        var = float(2 * np.sum(independent**2) + 4 * np.sum(independent * counting)
+                    + 2 * np.sum(counting) ** 2) / self.features**2
         return float(layer.mean()), z * float(np.sqrt(var)) / len(layer), layer
 
 
@@ -150,9 +161,23 @@ def consensus_core(sites: dict[str, SiteMoments], divergence: _Divergence, z: fl
     return [best, *mutual[best]]
 
 
+def federation_centre(sites: dict[str, SiteMoments], layer_names: tuple[str, ...],
+                      clip: float, z: float = FLAG_Z) -> np.ndarray:
+    """(classes, layers, features) class means of the consensus core's released features.
+
+    In the coordinates the sites centred their features in; the server adds the
+    centre it sent to obtain the next round's centre. Post-processing of the DP
+    releases, so it costs no privacy.
+    """
+    first = next(iter(sites.values()))
+    divergence = _Divergence(layer_names, clip, first.sums.shape[2])
+    core = consensus_core(sites, divergence, z) if len(sites) > 1 else list(sites)
+    pooled = _pooled([sites[n] for n in core])
+    return pooled.sums[:, :, :-1] / _positive(pooled.counts)[:, None, None]
+
+
 def covariate_scores(sites: dict[str, SiteMoments], layer_names: tuple[str, ...],
-                     channels_per_layer: tuple[int, ...], clip: float, z: float = FLAG_Z
-                     ) -> dict[str, CovariateScore]:
+                     clip: float, z: float = FLAG_Z) -> dict[str, CovariateScore]:
     """Score every site against the federation's consensus (needs at least two sites).
 
     The reference of a site is the pooled moments of :func:`consensus_core`
@@ -165,8 +190,6 @@ def covariate_scores(sites: dict[str, SiteMoments], layer_names: tuple[str, ...]
         Released moments per site name.
     layer_names : tuple[str, ...]
         Name of each layer (for ``top_layers``).
-    channels_per_layer : tuple[int, ...]
-        Channels summarised per layer: a block holds ``2 * c`` moments, then padding.
     clip : float
         Norm bound of a block (turns the last block value back into ``|u|^2``).
     z : float (default: 3.0)
@@ -175,7 +198,7 @@ def covariate_scores(sites: dict[str, SiteMoments], layer_names: tuple[str, ...]
     if len(sites) < 2:
         return {}
     width = next(iter(sites.values())).sums.shape[2]
-    divergence = _Divergence(layer_names, channels_per_layer, clip, width)
+    divergence = _Divergence(layer_names, clip, width)
     core = consensus_core(sites, divergence, z)
     out = {}
     for name, site in sites.items():

@@ -102,13 +102,13 @@ class FederationConfig:
         Noise multiplier of each round's moment release (relative to its
         sensitivity); the rounds' releases together act like one release at
         ``moment_noise / sqrt(num_rounds)``. Sites reserve their cost before training.
-    moment_channels : int (default: 8)
-        Channels per normalisation layer whose moments are released (a fixed,
-        public choice shared by all sites): DP noise grows with the square root of
-        the number of released values.
-    moment_clip : float (default: 3.0)
-        Bound on the norm of one image's moment vector per layer, in units of the
-        pretrained statistics.
+    moment_layers : int (default: 7)
+        Normalisation layers, evenly spaced through the backbone, whose input
+        features (mean offset and spread over all channels) are released: DP
+        noise grows with the square root of the number of released values.
+    moment_clip : float (default: 0.3)
+        Bound on the norm of one image's centred feature block per layer, in units
+        of the pretrained statistics.
     scenario : str (default: "")
         Simulation scenario file (TOML) with ground-truth shifts; empty: sites
         split by ``prevalences``. Only ``fedshift simulate`` reads it.
@@ -142,8 +142,8 @@ class FederationConfig:
     state_dir: str = "fedshift-state"
     shift: bool = True
     moment_noise: float = 30.0
-    moment_channels: int = 8
-    moment_clip: float = 3.0
+    moment_layers: int = 7
+    moment_clip: float = 0.3
     scenario: str = ""
 
     def __post_init__(self) -> None:
@@ -183,8 +183,8 @@ class FederationConfig:
             (self.proximal_mu >= 0, f"proximal-mu must be >= 0, got {self.proximal_mu}"),
             (self.server_lr > 0, f"server-lr must be > 0, got {self.server_lr}"),
             (self.moment_noise > 0, f"moment-noise must be > 0, got {self.moment_noise}"),
-            (self.moment_channels >= 1,
-             f"moment-channels must be >= 1, got {self.moment_channels}"),
+            (self.moment_layers >= 1,
+             f"moment-layers must be >= 1, got {self.moment_layers}"),
             (self.moment_clip > 0, f"moment-clip must be > 0, got {self.moment_clip}"),
             (0 <= self.min_sites <= self.num_sites,
              f"min-sites must lie in [0, num-sites={self.num_sites}], got {self.min_sites}"),

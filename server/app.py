@@ -47,7 +47,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round: RoundCallback | 
     )
     monitor = None
     if cfg.shift and cfg.dp:
-        layout = moment_layout(model, cfg.moment_channels, cfg.moment_clip)
+        layout = moment_layout(model, cfg.moment_layers, cfg.moment_clip)
         monitor = ShiftMonitor(grid, layout, cfg.num_classes)
 
     def shift_round(server_round: int, arrays: ArrayRecord) -> None:

@@ -24,6 +24,7 @@ from common.covariate_score import (
     FLAG_Z,
     SiteMoments,
     covariate_scores,
+    federation_centre,
 )
 from common.label_shift import (
     BINARY_CENTRES,
@@ -43,6 +44,7 @@ from server.strategy import reply_site_name
 logger = logging.getLogger(__name__)
 
 QUERY_TYPE = "query.shift"
+CENTRING_CLIP_FACTOR = 4.0
 
 
 class ShiftMonitor:
@@ -69,10 +71,17 @@ class ShiftMonitor:
         self.rounds: list[dict[str, Any]] = []
         self.refused: dict[str, str] = {}
         self._total: dict[str, SiteMoments] = {}
+        self._counts: dict[str, np.ndarray] = {}
+        self.centre = np.zeros(layout.centre_shape(num_classes))
+        self._centred = False
         self.final: dict[str, Any] = {}
 
-    def _ask(self, kind: str, server_round: int, arrays: ArrayRecord) -> dict[str, Message]:
+    def _ask(self, kind: str, server_round: int, arrays: ArrayRecord,
+             clip: float | None = None) -> dict[str, Message]:
         config = ConfigRecord({"kind": kind, "server-round": server_round})
+        if clip is not None:
+            config["moment-centre"] = [float(v) for v in self.centre.ravel()]
+            config["moment-clip"] = clip
         messages = [
             Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
                     message_type=QUERY_TYPE)
@@ -89,25 +98,50 @@ class ShiftMonitor:
             answers[reply_site_name(reply)] = reply
         return answers
 
-    def _scores(self, moments: dict[str, SiteMoments]) -> dict[str, dict[str, Any]]:
-        scores = covariate_scores(moments, self.layout.layer_names,
-                                  tuple(len(c) for c in self.layout.channels), self.layout.clip)
+    def _scores(self, moments: dict[str, SiteMoments], clip: float) -> dict[str, dict[str, Any]]:
+        scores = covariate_scores(moments, self.layout.layer_names, clip)
         return {name: s.to_dict() for name, s in scores.items()}
 
+    def _round_clip(self) -> float:
+        """Block clip for the next release: wide until the sites' centre has been estimated.
+
+        The privacy cost depends on the noise multiplier only, so a wider clip
+        costs nothing more; it adds noise, which is why such a round only finds
+        the centre and does not join the accumulated evidence.
+        """
+        return self.layout.clip * (1.0 if self._centred else CENTRING_CLIP_FACTOR)
+
     def moments_round(self, server_round: int, arrays: ArrayRecord) -> None:
-        """Ask for this round's moments; score the round alone and the rounds so far."""
-        replies = self._ask("moments", server_round, arrays)
+        """Ask for this round's moments; score the round alone and the rounds so far.
+
+        Sites centre their features on :attr:`centre`, which then moves to the
+        consensus core's class means of this round's releases. The first round,
+        with no centre yet, is released at a wide clip so that its class means
+        are not shrunk by clipping; from the next round on, releases at the
+        layout's clip accumulate.
+        """
+        clip = self._round_clip()
+        replies = self._ask("moments", server_round, arrays, clip)
         this_round = {}
         for name, msg in replies.items():
             arr = msg.content["summaries"]
-            std = float(msg.content["metrics"]["sum-noise-std"])
+            noise = msg.content["metrics"]
             this_round[name] = SiteMoments(arr["sums"].numpy().astype(np.float64),
-                                           arr["counts"].numpy().astype(np.float64), std**2)
-            self._total[name] = (self._total[name] + this_round[name]
-                                 if name in self._total else this_round[name])
-        alone = self._scores(this_round)
-        cumulative = self._scores({n: self._total[n] for n in this_round})
-        entry = {"round": server_round, "sites": {}}
+                                           arr["counts"].numpy().astype(np.float64),
+                                           float(noise["sum-noise-std"]) ** 2,
+                                           float(noise["count-noise-std"]) ** 2)
+            self._counts[name] = self._counts.get(name, 0.0) + this_round[name].counts
+            if self._centred:
+                self._total[name] = (self._total[name] + this_round[name]
+                                     if name in self._total else this_round[name])
+        if this_round:
+            self.centre = self.centre + federation_centre(this_round, self.layout.layer_names,
+                                                          clip)
+            self._centred = True
+        alone = self._scores(this_round, clip)
+        accumulated = {n: self._total[n] for n in this_round if n in self._total}
+        cumulative = self._scores(accumulated, self.layout.clip) if accumulated else alone
+        entry = {"round": server_round, "clip": clip, "sites": {}}
         for name, score in cumulative.items():
             entry["sites"][name] = {**score, "round_score": alone[name]["covariate_score"],
                                     "round_threshold": alone[name]["covariate_threshold"]}
@@ -118,7 +152,7 @@ class ShiftMonitor:
 
     def training_priors(self) -> dict[str, np.ndarray]:
         """Each site's class fractions from its label histograms (all rounds pooled)."""
-        return {n: normalise(m.counts) for n, m in self._total.items()}
+        return {n: normalise(c) for n, c in self._counts.items()}
 
     def deployment(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
         """Ask for the validation and pool histograms; estimate priors and concept shift."""
@@ -128,7 +162,7 @@ class ShiftMonitor:
         pools = {n: m.content["summaries"]["pool-hist"].numpy().astype(np.float64)
                  for n, m in replies.items() if "pool-hist" in m.content["summaries"]}
         noise = {n: dict(m.content["metrics"]) for n, m in replies.items()}
-        counts = sum(m.counts for m in self._total.values()) if self._total else None
+        counts = sum(self._counts.values()) if self._counts else None
         fed_prior = normalise(counts) if counts is not None else normalise(
             sum(v.sum(axis=1) for v in val.values()))
         confusion = confusion_given_true(sum(val.values())) if val else None

@@ -25,7 +25,7 @@ def cfg(small_pneumonia_dir: Path, tmp_path: Path) -> FederationConfig:
     return FederationConfig(
         data_dir=str(small_pneumonia_dir), image_size=32, num_sites=2, prevalences=(0.5, 0.6),
         num_rounds=1, batch_size=32, epsilon=1.0, state_dir=str(tmp_path / "state"),
-        moment_channels=4,
+        moment_layers=4,
     )
 
 
@@ -56,7 +56,7 @@ def test_moments_are_charged_to_the_train_part_within_the_plan(cfg: FederationCo
     assert not _send(cfg, MessageType.TRAIN, {"server-round": 1}, arrays).has_error()
     reply = _send(cfg, "query.shift", {"kind": "moments", "server-round": 1}, arrays)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    layout = moment_layout(model, cfg.moment_channels, cfg.moment_clip)
+    layout = moment_layout(model, cfg.moment_layers, cfg.moment_clip)
     sums = reply.content["summaries"]["sums"].numpy()
     assert sums.shape == (2, len(layout.layer_names), layout.width)
     assert reply.content["summaries"]["counts"].numpy().shape == (2,)
@@ -101,3 +101,27 @@ def test_unknown_query_kind_is_a_bad_request(cfg: FederationConfig) -> None:
     reply = _send(cfg, "query.shift", {"kind": "everything"}, arrays)
     assert reply.has_error() and reply.error.code == ERROR_BAD_REQUEST
     assert "moments, deployment" in reply.error.reason
+
+
+def test_server_clip_scales_the_noise_not_the_cost_and_bad_centres_cost_nothing(
+    cfg: FederationConfig,
+) -> None:
+    arrays = trainable_arrays(build_model(cfg.model_spec()))
+    assert not _send(cfg, MessageType.TRAIN, {"server-round": 1}, arrays).has_error()
+    ledger = _ledger(cfg)
+    before = ledger.path.read_text()
+    for bad in ({"moment-centre": [0.0, 1.0]}, {"moment-clip": -1.0},
+                {"moment-centre": [float("nan")] * (2 * 4 * 2)}):
+        reply = _send(cfg, "query.shift", {"kind": "moments", "server-round": 1, **bad}, arrays)
+        assert reply.has_error() and reply.error.code == ERROR_BAD_REQUEST
+        assert "moment-" in reply.error.reason
+        assert ledger.path.read_text() == before
+    centre = [0.5] * (2 * 4 * 2)
+    reply = _send(cfg, "query.shift", {"kind": "moments", "server-round": 1,
+                                       "moment-centre": centre, "moment-clip": 1.2}, arrays)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    wide = moment_layout(build_model(cfg.model_spec()), cfg.moment_layers, 1.2)
+    assert reply.content["metrics"]["sum-noise-std"] == pytest.approx(
+        cfg.moment_noise * wide.sensitivity)
+    [entry] = [e for e in _ledger(cfg).entries() if e.get("mechanism") == "moments"]
+    assert entry["noise_multiplier"] == pytest.approx(cfg.moment_noise / math.sqrt(2))

@@ -74,7 +74,7 @@ def test_scenario_run_scores_shift_and_writes_the_report(small_pneumonia_dir: Pa
     )
     cfg = FederationConfig(
         data_dir=str(small_pneumonia_dir), image_size=32, batch_size=32, lr=0.1,
-        moment_channels=4, scenario=str(scenario), state_dir=str(tmp_path / "state"),
+        moment_layers=4, scenario=str(scenario), state_dir=str(tmp_path / "state"),
     )
     results = simulate(cfg, tmp_path)
     shift = results["shift"]
