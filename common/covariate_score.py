@@ -17,8 +17,9 @@ features (mean offset and spread of the layer's standardised input, see
 that the DP noise, the noisy counts and the finite sample add to each squared
 difference. The score averages layers.
 
-The threshold accounts for both: with no shift, each squared difference minus
-``tau^2`` has mean 0 and variance ``2 tau^4`` (Gaussian errors), so the score has a
+The threshold accounts for all three: with no shift, each squared difference minus
+``tau^2`` has mean 0 and variance ``2 tau^4`` (Gaussian errors; the count-noise part
+is one error shared by all coordinates and enters as such), so the score has a
 known standard deviation; a site is flagged when its score exceeds ``z`` of them
 (default ``z = 3``: about one false flag in 700 sites without shift).
 """
