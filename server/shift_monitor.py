@@ -73,15 +73,11 @@ class ShiftMonitor:
         self._total: dict[str, SiteMoments] = {}
         self._counts: dict[str, np.ndarray] = {}
         self.centre = np.zeros(layout.centre_shape(num_classes))
-        self._centred = False
         self.final: dict[str, Any] = {}
 
     def _ask(self, kind: str, server_round: int, arrays: ArrayRecord,
-             clip: float | None = None) -> dict[str, Message]:
-        config = ConfigRecord({"kind": kind, "server-round": server_round})
-        if clip is not None:
-            config["moment-centre"] = [float(v) for v in self.centre.ravel()]
-            config["moment-clip"] = clip
+             **settings: float | list[float]) -> dict[str, Message]:
+        config = ConfigRecord({"kind": kind, "server-round": server_round, **settings})
         messages = [
             Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
                     message_type=QUERY_TYPE)
@@ -109,7 +105,7 @@ class ShiftMonitor:
         costs nothing more; it adds noise, which is why such a round only finds
         the centre and does not join the accumulated evidence.
         """
-        return self.layout.clip * (1.0 if self._centred else CENTRING_CLIP_FACTOR)
+        return self.layout.clip * (1.0 if self._counts else CENTRING_CLIP_FACTOR)
 
     def moments_round(self, server_round: int, arrays: ArrayRecord) -> None:
         """Ask for this round's moments; score the round alone and the rounds so far.
@@ -121,7 +117,8 @@ class ShiftMonitor:
         layout's clip accumulate.
         """
         clip = self._round_clip()
-        replies = self._ask("moments", server_round, arrays, clip)
+        replies = self._ask("moments", server_round, arrays, **{
+            "moment-centre": [float(v) for v in self.centre.ravel()], "moment-clip": clip})
         this_round = {}
         for name, msg in replies.items():
             arr = msg.content["summaries"]
@@ -131,13 +128,12 @@ class ShiftMonitor:
                                            float(noise["sum-noise-std"]) ** 2,
                                            float(noise["count-noise-std"]) ** 2)
             self._counts[name] = self._counts.get(name, 0.0) + this_round[name].counts
-            if self._centred:
+            if clip == self.layout.clip:
                 self._total[name] = (self._total[name] + this_round[name]
                                      if name in self._total else this_round[name])
         if this_round:
             self.centre = self.centre + federation_centre(this_round, self.layout.layer_names,
                                                           clip)
-            self._centred = True
         alone = self._scores(this_round, clip)
         accumulated = {n: self._total[n] for n in this_round if n in self._total}
         cumulative = self._scores(accumulated, self.layout.clip) if accumulated else alone
