@@ -62,6 +62,14 @@ def _error_reply(msg: Message, code: int, reason: str) -> Message:
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
+def _run_key(msg: Message, context: Context) -> str:
+    """The run the ledger charges: the server's ``run-key`` (kept across a server
+    restart), else Flower's run id."""
+    config = msg.content.config_records.get("config") if msg.has_content() else None
+    key = config.get("run-key") if config is not None else None
+    return str(key) if key else str(context.run_id)
+
+
 def _guarded(handler: Callable[[Message, SiteRuntime], RecordDict],
              config: FederationConfig | None, load_sites: SiteLoader
              ) -> Callable[[Message, Context], Message]:
@@ -69,7 +77,8 @@ def _guarded(handler: Callable[[Message, SiteRuntime], RecordDict],
         who = f"node {context.node_id}"
         try:
             cfg = config or FederationConfig.from_flower(context.run_config)
-            site = resolve_site(cfg, dict(context.node_config), str(context.run_id), load_sites)
+            site = resolve_site(cfg, dict(context.node_config), _run_key(msg, context),
+                                load_sites)
             who = site.name
             return Message(handler(msg, site), reply_to=msg)
         except BudgetExceeded as exc:

@@ -87,7 +87,16 @@ class FederationConfig:
     server_lr : float (default: 0.01)
         FedAdam server learning rate (``fedadam`` only).
     min_sites : int (default: 0)
-        Sites that must answer for a round to aggregate; 0 means all ``num_sites``.
+        Sites that must be connected for a round to start and must answer for it to
+        aggregate; 0 means all ``num_sites``. Below ``num_sites`` the federation goes
+        on without sites that are down, time out or run out of budget.
+    round_timeout : float (default: 3600.0)
+        Seconds the server waits for the sites' replies in each phase of a round;
+        sites that have not answered by then are logged as missing.
+    max_update_norm : float (default: 50.0)
+        Training replies whose parameters moved further than this (L2 norm) from
+        the global ones are rejected, as are replies with non-finite values or the
+        wrong names, shapes or dtypes; 0 turns the norm bound off.
     seed : int (default: 0)
         Seed of the site partition and of local training.
     state_dir : str (default: "fedshift-state")
@@ -138,6 +147,8 @@ class FederationConfig:
     proximal_mu: float = 0.01
     server_lr: float = 0.01
     min_sites: int = 0
+    round_timeout: float = 3600.0
+    max_update_norm: float = 50.0
     seed: int = 0
     state_dir: str = "fedshift-state"
     shift: bool = True
@@ -186,6 +197,10 @@ class FederationConfig:
             (self.moment_layers >= 1,
              f"moment-layers must be >= 1, got {self.moment_layers}"),
             (self.moment_clip > 0, f"moment-clip must be > 0, got {self.moment_clip}"),
+            (self.round_timeout > 0,
+             f"round-timeout must be > 0 seconds, got {self.round_timeout}"),
+            (self.max_update_norm >= 0,
+             f"max-update-norm must be >= 0 (0 turns the bound off), got {self.max_update_norm}"),
             (0 <= self.min_sites <= self.num_sites,
              f"min-sites must lie in [0, num-sites={self.num_sites}], got {self.min_sites}"),
             (not (self.dp and not mode.allows_dp),

@@ -8,15 +8,24 @@ model only to know the initial trainable parameters: nothing but those travels.
 from __future__ import annotations
 
 import logging
+import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
-from flwr.app import ArrayRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from common.federation_config import FederationConfig
 from common.model_surgery import build_model
 from common.norm_moments import moment_layout
 from common.trainable_arrays import full_model_bytes, record_bytes, trainable_arrays
+from server.checkpoint import (
+    CHECKPOINT_FILE,
+    Checkpoint,
+    config_fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from server.run_records import (
     FINAL_ARRAYS_FILE,
     HISTORY_FILE,
@@ -30,6 +39,49 @@ from server.strategy import FedShiftStrategy, RoundCallback
 logger = logging.getLogger(__name__)
 
 
+def _start(cfg: FederationConfig, strategy: FedShiftStrategy, initial: ArrayRecord,
+           state: Path) -> Checkpoint:
+    """The checkpoint to go on from: the saved one of an unfinished run, else a fresh one."""
+    fingerprint = config_fingerprint(cfg.to_flower())
+    saved = load_checkpoint(state / CHECKPOINT_FILE, fingerprint)
+    if saved is not None and saved.server_round < cfg.num_rounds:
+        logger.info("resuming run %s after round %d from %s", saved.run_key,
+                    saved.server_round, state / CHECKPOINT_FILE)
+        strategy.restore(saved.strategy, saved.strategy_arrays)
+        return saved
+    if saved is not None:
+        logger.info("the run in %s finished; starting a new run there", state)
+    return Checkpoint(run_key=uuid.uuid4().hex, fingerprint=fingerprint, server_round=0,
+                      arrays=initial)
+
+
+def _phase(grid: Grid, strategy: FedShiftStrategy, phase: str, server_round: int,
+           messages: Iterable[Message], timeout: float) -> list[Message]:
+    sent = list(messages)
+    replies = list(grid.send_and_receive(sent, timeout=timeout))
+    strategy.record_missing(server_round, phase, sent, replies)
+    return replies
+
+
+def _round(grid: Grid, cfg: FederationConfig, strategy: FedShiftStrategy, server_round: int,
+           arrays: ArrayRecord, run_key: str) -> ArrayRecord:
+    """One round: train at the sites, aggregate what passes the checks, evaluate."""
+    replies = _phase(grid, strategy, "train", server_round, strategy.configure_train(
+        server_round, arrays, ConfigRecord({"run-key": run_key}), grid), cfg.round_timeout)
+    answered = sum(not r.has_error() for r in replies)
+    if answered < cfg.required_sites:
+        logger.warning("round %d: %d site(s) answered, min-sites is %d; keeping the global "
+                       "parameters", server_round, answered, cfg.required_sites)
+        strategy.aggregate_train(server_round, [r for r in replies if r.has_error()])
+    else:
+        aggregated, _ = strategy.aggregate_train(server_round, replies)
+        arrays = aggregated if aggregated is not None else arrays
+    replies = _phase(grid, strategy, "evaluate", server_round, strategy.configure_evaluate(
+        server_round, arrays, ConfigRecord({"run-key": run_key}), grid), cfg.round_timeout)
+    strategy.aggregate_evaluate(server_round, replies)
+    return arrays
+
+
 def run_federation(grid: Grid, cfg: FederationConfig, on_round: RoundCallback | None = None
                    ) -> FedShiftStrategy:
     """Run ``cfg.num_rounds`` rounds on ``grid``; write history, final parameters and shifts.
@@ -37,33 +89,47 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round: RoundCallback | 
     With ``cfg.shift`` (and DP on) every round ends with a moment query and the run
     with a deployment query (:class:`server.shift_monitor.ShiftMonitor`); the
     shift record goes to ``shift.json`` in the state directory.
+
+    After every round the server checkpoints to the state directory
+    (:mod:`server.checkpoint`); started again with the same settings after a
+    crash, it goes on from the last finished round under the same run key, so
+    the sites' ledgers go on charging the same run.
     """
     model = build_model(cfg.model_spec())
     initial = trainable_arrays(model)
     strategy = FedShiftStrategy(
         aggregator=cfg.aggregator, proximal_mu=cfg.proximal_mu, server_lr=cfg.server_lr,
-        on_round=on_round, min_train_nodes=cfg.required_sites,
-        min_evaluate_nodes=cfg.required_sites, min_available_nodes=cfg.required_sites,
+        max_update_norm=cfg.max_update_norm, on_round=on_round,
+        min_train_nodes=cfg.required_sites, min_evaluate_nodes=cfg.required_sites,
+        min_available_nodes=cfg.required_sites,
     )
+    state = Path(cfg.state_dir)
+    checkpoint = _start(cfg, strategy, initial, state)
     monitor = None
     if cfg.shift and cfg.dp:
         layout = moment_layout(model, cfg.moment_layers, cfg.moment_clip)
-        monitor = ShiftMonitor(grid, layout, cfg.num_classes)
-
-    def shift_round(server_round: int, arrays: ArrayRecord) -> None:
-        if monitor is not None and server_round > 0:
+        monitor = ShiftMonitor(grid, layout, cfg.num_classes, timeout=cfg.round_timeout,
+                               run_key=checkpoint.run_key)
+        if checkpoint.monitor:
+            monitor.restore(checkpoint.monitor)
+    strategy.summary()
+    arrays = checkpoint.arrays
+    for server_round in range(checkpoint.server_round + 1, cfg.num_rounds + 1):
+        logger.info("[ROUND %d/%d]", server_round, cfg.num_rounds)
+        arrays = _round(grid, cfg, strategy, server_round, arrays, checkpoint.run_key)
+        if monitor is not None:
             monitor.moments_round(server_round, arrays)
-
-    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.num_rounds,
-                            evaluate_fn=shift_round)
-    state = Path(cfg.state_dir)
-    final = result.arrays if len(result.arrays) else initial
-    save_arrays(state / FINAL_ARRAYS_FILE, final)
+        checkpoint.server_round, checkpoint.arrays = server_round, arrays
+        checkpoint.strategy, checkpoint.strategy_arrays = strategy.state()
+        checkpoint.monitor = monitor.state() if monitor is not None else {}
+        save_checkpoint(state / CHECKPOINT_FILE, checkpoint)
+    save_arrays(state / FINAL_ARRAYS_FILE, arrays)
     if monitor is not None:
-        monitor.deployment(cfg.num_rounds, final)
+        monitor.deployment(cfg.num_rounds, arrays)
         write_json(state / SHIFT_FILE, monitor.report())
     write_json(state / HISTORY_FILE, {
         "config": cfg.to_flower(),
+        "run_key": checkpoint.run_key,
         "trainable_parameters": sum(a.numpy().size for a in initial.values()),
         "bytes_per_round_per_site": record_bytes(initial),
         "full_model_bytes": full_model_bytes(model),

@@ -60,11 +60,15 @@ class ShiftMonitor:
         Classes of the task.
     timeout : float or None (default: None)
         Seconds to wait for replies; None waits for all.
+    run_key : str (default: "")
+        The run's key, sent with every query so that the sites' ledgers charge
+        the same run across a server restart; empty: the sites use Flower's run id.
     """
 
     def __init__(self, grid: Grid, layout: MomentLayout, num_classes: int,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, run_key: str = "") -> None:
         self.grid = grid
+        self.run_key = run_key
         self.layout = layout
         self.num_classes = num_classes
         self.timeout = timeout
@@ -75,9 +79,34 @@ class ShiftMonitor:
         self.centre = np.zeros(layout.centre_shape(num_classes))
         self.final: dict[str, Any] = {}
 
+    def state(self) -> dict[str, Any]:
+        """The monitor's state as JSON-safe values, for the server's checkpoint."""
+        return {
+            "rounds": self.rounds, "refused": self.refused, "centre": self.centre.tolist(),
+            "counts": {n: c.tolist() for n, c in self._counts.items()},
+            "total": {n: {"sums": m.sums.tolist(), "counts": m.counts.tolist(),
+                          "sum_noise_var": m.sum_noise_var,
+                          "count_noise_var": m.count_noise_var}
+                      for n, m in self._total.items()},
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back the state :meth:`state` gave."""
+        self.rounds = list(state["rounds"])
+        self.refused = dict(state["refused"])
+        self.centre = np.asarray(state["centre"], dtype=np.float64).reshape(self.centre.shape)
+        self._counts = {n: np.asarray(c, dtype=np.float64) for n, c in state["counts"].items()}
+        self._total = {
+            n: SiteMoments(np.asarray(m["sums"], dtype=np.float64),
+                           np.asarray(m["counts"], dtype=np.float64),
+                           float(m["sum_noise_var"]), float(m["count_noise_var"]))
+            for n, m in state["total"].items()
+        }
+
     def _ask(self, kind: str, server_round: int, arrays: ArrayRecord,
-             **settings: float | list[float]) -> dict[str, Message]:
-        config = ConfigRecord({"kind": kind, "server-round": server_round, **settings})
+             **settings: float | list[float] | str) -> dict[str, Message]:
+        config = ConfigRecord({"kind": kind, "server-round": server_round,
+                               "run-key": self.run_key, **settings})
         messages = [
             Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
                     message_type=QUERY_TYPE)

@@ -11,6 +11,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from server.reply_checks import reject_reason
+
 logger = logging.getLogger(__name__)
 
 RoundCallback = Callable[[dict[str, Any]], None]
@@ -42,6 +44,11 @@ class FedShiftStrategy(FedAvg):
         FedAdam step size.
     beta_1, beta_2, tau : float (default: 0.9, 0.99, 1e-3)
         FedAdam moment decays and adaptivity.
+    max_update_norm : float (default: 0.0)
+        Training replies whose parameters moved further than this (L2 norm over
+        all trainable parameters) from the global ones are rejected, like replies
+        with non-finite values or the wrong names, shapes or dtypes; 0 turns the
+        norm bound off.
     on_round : callable or None (default: None)
         Called with each round's history entry once the round's evaluation is in.
     **fedavg_kwargs
@@ -57,6 +64,7 @@ class FedShiftStrategy(FedAvg):
         beta_1: float = 0.9,
         beta_2: float = 0.99,
         tau: float = 1e-3,
+        max_update_norm: float = 0.0,
         on_round: RoundCallback | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
@@ -67,8 +75,10 @@ class FedShiftStrategy(FedAvg):
         self.proximal_mu = proximal_mu if aggregator == "fedprox" else 0.0
         self.server_lr = server_lr
         self.beta_1, self.beta_2, self.tau = beta_1, beta_2, tau
+        self.max_update_norm = max_update_norm
         self.on_round = on_round
         self.history: list[dict[str, Any]] = []
+        self.site_names: dict[int, str] = {}
         self._current: dict[str, np.ndarray] = {}
         self._m: dict[str, np.ndarray] = {}
         self._v: dict[str, np.ndarray] = {}
@@ -81,18 +91,68 @@ class FedShiftStrategy(FedAvg):
     def _entry(self, server_round: int) -> dict[str, Any]:
         if not self.history or self.history[-1]["round"] != server_round:
             self.history.append({"round": server_round, "train": {}, "evaluate": {},
-                                 "sites": {}, "refused": {}})
+                                 "sites": {}, "refused": {}, "rejected": {}, "missing": {}})
         return self.history[-1]
 
     def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
         entry = self._entry(server_round)
         for msg in replies:
             name = reply_site_name(msg)
+            if not msg.has_error():
+                self.site_names[msg.metadata.src_node_id] = name
             if msg.has_error():
                 entry["refused"][f"{name} ({phase})"] = msg.error.reason
                 continue
             metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
             entry["sites"].setdefault(name, {})[phase] = dict(metrics)
+
+    def record_missing(self, server_round: int, phase: str, sent: Iterable[Message],
+                       replies: Iterable[Message]) -> list[str]:
+        """Note the sites that were sent ``phase`` work but did not answer in time."""
+        answered = {m.metadata.src_node_id for m in replies}
+        missing = [self.site_names.get(m.metadata.dst_node_id, f"node-{m.metadata.dst_node_id}")
+                   for m in sent if m.metadata.dst_node_id not in answered]
+        if missing:
+            self._entry(server_round)["missing"][phase] = missing
+            logger.warning("round %d %s: no reply from %s; going on without them",
+                           server_round, phase, ", ".join(missing))
+        return missing
+
+    def _accepted(self, server_round: int, replies: list[Message]) -> list[Message]:
+        kept = []
+        for msg in replies:
+            if msg.has_error():
+                kept.append(msg)
+                continue
+            name = reply_site_name(msg)
+            arrays = next(iter(msg.content.array_records.values()), None)
+            metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
+            reason = ("no parameters in the reply" if arrays is None else reject_reason(
+                {k: a.numpy() for k, a in arrays.items()}, self._current,
+                metrics.get("num-examples"), self.max_update_norm))
+            if reason is not None:
+                self._entry(server_round)["rejected"][name] = reason
+                logger.warning("round %d: rejected %s's update: %s", server_round, name, reason)
+                continue
+            norm = float(np.sqrt(sum(np.sum((a.numpy().astype(np.float64) - self._current[k]) ** 2)
+                                     for k, a in arrays.items())))
+            self._entry(server_round)["sites"].setdefault(name, {})["update_norm"] = norm
+            kept.append(msg)
+        return kept
+
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """What a checkpoint keeps: (history and site names, FedAdam moments)."""
+        arrays = {f"m/{k}": v for k, v in self._m.items()}
+        arrays.update({f"v/{k}": v for k, v in self._v.items()})
+        return ({"history": self.history,
+                 "site_names": {str(k): v for k, v in self.site_names.items()}}, arrays)
+
+    def restore(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Take back the state :meth:`state` gave."""
+        self.history = list(state.get("history", []))
+        self.site_names = {int(k): v for k, v in state.get("site_names", {}).items()}
+        self._m = {k[2:]: v for k, v in arrays.items() if k.startswith("m/")}
+        self._v = {k[2:]: v for k, v in arrays.items() if k.startswith("v/")}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -107,7 +167,8 @@ class FedShiftStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self._record(server_round, "train", replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        arrays, metrics = super().aggregate_train(server_round,
+                                                  self._accepted(server_round, replies))
         if arrays is not None and self.aggregator == "fedadam":
             arrays = self._adam_step(arrays)
         self._entry(server_round)["train"] = dict(metrics or {})

@@ -1,0 +1,146 @@
+"""The server checkpoint: written every round, refused for other settings, resumed after a crash."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from common.federation_config import FederationConfig
+from server.app import run_federation
+from server.checkpoint import (
+    CHECKPOINT_FILE,
+    Checkpoint,
+    CheckpointError,
+    config_fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from server.run_records import FINAL_ARRAYS_FILE, HISTORY_FILE, load_arrays
+
+STEP = {1: 0.01, 2: 0.03}
+"""What each fake site adds to every parameter per round (equal weights: the mean adds 0.02)."""
+
+
+class Crash(RuntimeError):
+    """The server dies."""
+
+
+class TrainingGrid:
+    """Two sites that shift every parameter by a fixed step and report metrics."""
+
+    def __init__(self, crash_at_round: int | None = None) -> None:
+        self.crash_at_round = crash_at_round
+        self.configs: list[dict] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(STEP)
+
+    def send_and_receive(self, messages: list[Message], timeout: float | None = None
+                         ) -> list[Message]:
+        replies = []
+        for msg in messages:
+            config = dict(msg.content["config"])
+            self.configs.append(config)
+            if config["server-round"] == self.crash_at_round:
+                raise Crash(f"server killed in round {self.crash_at_round}")
+            node = msg.metadata.dst_node_id
+            content = RecordDict({"metrics": MetricRecord({"num-examples": 10, "loss": 0.5}),
+                                  "site": ConfigRecord({"name": f"site-{node}"})})
+            if msg.metadata.message_type == "train":
+                content["arrays"] = ArrayRecord({
+                    k: Array(a.numpy() + np.asarray(STEP[node], dtype=a.numpy().dtype))
+                    for k, a in msg.content["arrays"].items()})
+            replies.append(Message(content, reply_to=msg))
+        return replies
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> FederationConfig:
+    return FederationConfig(num_sites=2, prevalences=(0.5, 0.5), num_rounds=3, dp=False,
+                            shift=False, state_dir=str(tmp_path / "state"))
+
+
+def _checkpoint(round_: int = 2, fingerprint: str = "abc") -> Checkpoint:
+    return Checkpoint(run_key="run-1", fingerprint=fingerprint, server_round=round_,
+                      arrays=ArrayRecord({"head.weight": Array(np.arange(6.0).reshape(2, 3))}),
+                      strategy={"history": [{"round": 1}]},
+                      strategy_arrays={"m/head.weight": np.ones((2, 3))},
+                      monitor={"centre": [0.5]})
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / CHECKPOINT_FILE
+    assert load_checkpoint(path, "abc") is None
+    save_checkpoint(path, _checkpoint())
+    back = load_checkpoint(path, "abc")
+    assert back is not None
+    assert (back.run_key, back.server_round, back.strategy, back.monitor) == (
+        "run-1", 2, {"history": [{"round": 1}]}, {"centre": [0.5]})
+    np.testing.assert_array_equal(back.arrays["head.weight"].numpy(),
+                                  np.arange(6.0).reshape(2, 3))
+    np.testing.assert_array_equal(back.strategy_arrays["m/head.weight"], np.ones((2, 3)))
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]
+
+
+def test_checkpoint_of_other_settings_or_unreadable_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / CHECKPOINT_FILE
+    save_checkpoint(path, _checkpoint(fingerprint="abc"))
+    with pytest.raises(CheckpointError, match="other settings"):
+        load_checkpoint(path, "xyz")
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(path, "abc")
+
+
+def test_fingerprint_ignores_where_the_state_lives_only() -> None:
+    a = FederationConfig(state_dir="/a").to_flower()
+    assert config_fingerprint(a) == config_fingerprint(FederationConfig(state_dir="/b").to_flower())
+    assert config_fingerprint(a) != config_fingerprint(
+        FederationConfig(state_dir="/a", lr=0.4).to_flower())
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_a_crashed_run_resumes_from_its_last_round_under_the_same_run_key(
+        cfg: FederationConfig) -> None:
+    first = TrainingGrid(crash_at_round=3)
+    with pytest.raises(Crash):
+        run_federation(first, cfg)
+    run_key = first.configs[0]["run-key"]
+    state = Path(cfg.state_dir)
+    saved = load_checkpoint(state / CHECKPOINT_FILE, config_fingerprint(cfg.to_flower()))
+    assert saved is not None and saved.server_round == 2 and saved.run_key == run_key
+    assert not (state / HISTORY_FILE).exists()
+
+    second = TrainingGrid()
+    strategy = run_federation(second, cfg)
+    assert {c["server-round"] for c in second.configs} == {3}
+    assert {c["run-key"] for c in second.configs} == {run_key}
+    assert [e["round"] for e in strategy.history] == [1, 2, 3]
+    history = json.loads((state / HISTORY_FILE).read_text())
+    assert history["run_key"] == run_key and len(history["rounds"]) == 3
+    final = load_arrays(state / FINAL_ARRAYS_FILE)
+    name = next(iter(saved.arrays.keys()))
+    np.testing.assert_allclose(final[name].numpy(), saved.arrays[name].numpy() + 0.02,
+                               atol=1e-6)
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_a_finished_run_is_not_resumed_a_new_one_starts(cfg: FederationConfig) -> None:
+    first = TrainingGrid()
+    run_federation(first, cfg)
+    second = TrainingGrid()
+    run_federation(second, cfg)
+    assert {c["server-round"] for c in second.configs} == {1, 2, 3}
+    assert second.configs[0]["run-key"] != first.configs[0]["run-key"]
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_a_checkpoint_from_other_settings_stops_the_run(cfg: FederationConfig) -> None:
+    with pytest.raises(Crash):
+        run_federation(TrainingGrid(crash_at_round=2), cfg)
+    with pytest.raises(CheckpointError, match="other settings"):
+        run_federation(TrainingGrid(), cfg.replace(lr=0.1))
