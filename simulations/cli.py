@@ -15,6 +15,7 @@ from common.backbones import BACKBONES, BackboneError
 from common.federation_config import AGGREGATORS, ConfigError, FederationConfig
 from common.medmnist_files import DataFileError
 from common.transfer_mode import MODES_HELP
+from server.credentials_cli import add_credentials_parser, run_credentials
 from simulations.report_command import add_report_parser, run_report
 
 DEFAULTS = FederationConfig()
@@ -149,12 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_simulate(sub)
     add_report_parser(sub)
+    add_credentials_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "report":
             return run_report(args)
+        if args.command == "credentials":
+            return run_credentials(args)
         return _simulate(args)
     except (ConfigError, BackboneError, DataFileError) as exc:
         print(f"fedshift: error: {exc}", file=sys.stderr)
