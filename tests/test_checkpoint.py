@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord
 
 from common.federation_config import FederationConfig
 from server.app import run_federation
@@ -20,42 +20,7 @@ from server.checkpoint import (
     save_checkpoint,
 )
 from server.run_records import FINAL_ARRAYS_FILE, HISTORY_FILE, load_arrays
-
-STEP = {1: 0.01, 2: 0.03}
-"""What each fake site adds to every parameter per round (equal weights: the mean adds 0.02)."""
-
-
-class Crash(RuntimeError):
-    """The server dies."""
-
-
-class TrainingGrid:
-    """Two sites that shift every parameter by a fixed step and report metrics."""
-
-    def __init__(self, crash_at_round: int | None = None) -> None:
-        self.crash_at_round = crash_at_round
-        self.configs: list[dict] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(STEP)
-
-    def send_and_receive(self, messages: list[Message], timeout: float | None = None
-                         ) -> list[Message]:
-        replies = []
-        for msg in messages:
-            config = dict(msg.content["config"])
-            self.configs.append(config)
-            if config["server-round"] == self.crash_at_round:
-                raise Crash(f"server killed in round {self.crash_at_round}")
-            node = msg.metadata.dst_node_id
-            content = RecordDict({"metrics": MetricRecord({"num-examples": 10, "loss": 0.5}),
-                                  "site": ConfigRecord({"name": f"site-{node}"})})
-            if msg.metadata.message_type == "train":
-                content["arrays"] = ArrayRecord({
-                    k: Array(a.numpy() + np.asarray(STEP[node], dtype=a.numpy().dtype))
-                    for k, a in msg.content["arrays"].items()})
-            replies.append(Message(content, reply_to=msg))
-        return replies
+from tests.fake_grids import Crash, TrainingGrid
 
 
 @pytest.fixture

@@ -1,0 +1,48 @@
+"""The server goes on without sites that do not answer, and takes them back when they do."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.federation_config import FederationConfig
+from server.app import run_federation
+from server.run_records import FINAL_ARRAYS_FILE, HISTORY_FILE, load_arrays
+from tests.fake_grids import STEP, TrainingGrid
+
+pytestmark = pytest.mark.usefixtures("server_identity")
+
+
+def _cfg(tmp_path: Path, min_sites: int) -> FederationConfig:
+    return FederationConfig(num_sites=2, prevalences=(0.5, 0.5), num_rounds=3, dp=False,
+                            shift=False, min_sites=min_sites, state_dir=str(tmp_path))
+
+
+def _run(tmp_path: Path, grid: TrainingGrid, min_sites: int) -> tuple[dict, np.ndarray]:
+    run_federation(grid, _cfg(tmp_path, min_sites))
+    history = json.loads((tmp_path / HISTORY_FILE).read_text())
+    final = load_arrays(tmp_path / FINAL_ARRAYS_FILE)
+    return history, np.concatenate([a.numpy().ravel() for a in final.values()])
+
+
+def test_a_dead_site_is_logged_missing_and_taken_back_when_it_returns(tmp_path: Path) -> None:
+    history, with_gap = _run(tmp_path / "a", TrainingGrid(silent={2: {2}}), min_sites=1)
+    _, full = _run(tmp_path / "b", TrainingGrid(), min_sites=1)
+    rounds = history["rounds"]
+    assert rounds[1]["missing"] == {"train": ["site-2"], "evaluate": ["site-2"]}
+    assert rounds[0]["missing"] == {} and rounds[2]["missing"] == {}
+    assert set(rounds[1]["sites"]) == {"site-1"}
+    assert set(rounds[2]["sites"]) == {"site-1", "site-2"}
+    # Round 2 aggregated site-1's step alone; rounds 1 and 3 the mean of both.
+    np.testing.assert_allclose(full - with_gap, (STEP[1] + STEP[2]) / 2 - STEP[1], atol=1e-6)
+
+
+def test_below_min_sites_the_global_parameters_are_kept(tmp_path: Path) -> None:
+    history, with_gap = _run(tmp_path / "a", TrainingGrid(silent={2: {2}}), min_sites=2)
+    _, full = _run(tmp_path / "b", TrainingGrid(), min_sites=2)
+    assert history["rounds"][1]["missing"]["train"] == ["site-2"]
+    # Round 2 aggregated nothing: one round's mean step fewer than the full run.
+    np.testing.assert_allclose(full - with_gap, (STEP[1] + STEP[2]) / 2, atol=1e-6)
