@@ -79,6 +79,7 @@ class FedShiftStrategy(FedAvg):
         self.on_round = on_round
         self.history: list[dict[str, Any]] = []
         self.site_names: dict[int, str] = {}
+        self._sent_to: dict[str, int] = {}
         self._current: dict[str, np.ndarray] = {}
         self._m: dict[str, np.ndarray] = {}
         self._v: dict[str, np.ndarray] = {}
@@ -94,10 +95,18 @@ class FedShiftStrategy(FedAvg):
                                  "sites": {}, "refused": {}, "rejected": {}, "missing": {}})
         return self.history[-1]
 
+    def _name(self, msg: Message) -> str:
+        """The site a reply is about; an error the SuperLink wrote for an unreachable
+        node is named after the node the request went to."""
+        if msg.has_content():
+            return reply_site_name(msg)
+        node = self._sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+        return self.site_names.get(node, f"node-{node}")
+
     def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
         entry = self._entry(server_round)
         for msg in replies:
-            name = reply_site_name(msg)
+            name = self._name(msg)
             if not msg.has_error():
                 self.site_names[msg.metadata.src_node_id] = name
             if msg.has_error():
@@ -108,7 +117,10 @@ class FedShiftStrategy(FedAvg):
 
     def record_missing(self, server_round: int, phase: str, sent: Iterable[Message],
                        replies: Iterable[Message]) -> list[str]:
-        """Note the sites that were sent ``phase`` work but did not answer in time."""
+        """Note the sites that were sent ``phase`` work but did not answer in time
+        (or for which the SuperLink answered that the node is unavailable)."""
+        sent = list(sent)
+        self._sent_to.update({m.metadata.message_id: m.metadata.dst_node_id for m in sent})
         answered = {m.metadata.src_node_id for m in replies}
         missing = [self.site_names.get(m.metadata.dst_node_id, f"node-{m.metadata.dst_node_id}")
                    for m in sent if m.metadata.dst_node_id not in answered]

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 
-STEP = {1: 0.01, 2: 0.03}
+SUPERLINK_NODE_ID = 1
+STEP = {2: 0.01, 3: 0.03}
 """What each fake site adds to every parameter per round (equal weights: the mean adds 0.02)."""
 
 
@@ -16,13 +25,18 @@ class Crash(RuntimeError):
 class TrainingGrid:
     """Two sites that shift every parameter by a fixed step and report metrics.
 
-    ``silent`` maps a round to the nodes that do not answer in it (dead or too slow).
+    ``silent`` maps a round to the nodes that do not answer in it (too slow);
+    ``unavailable`` to the nodes the SuperLink answers for with an error, as it
+    does for a node that stopped sending heartbeats (a dead SuperNode).
     """
 
     def __init__(self, crash_at_round: int | None = None,
-                 silent: dict[int, set[int]] | None = None) -> None:
+                 silent: dict[int, set[int]] | None = None,
+                 unavailable: dict[int, set[int]] | None = None) -> None:
         self.crash_at_round = crash_at_round
         self.silent = silent or {}
+        self.unavailable = unavailable or {}
+        self.pushed = 0
         self.configs: list[dict] = []
 
     def get_node_ids(self) -> list[int]:
@@ -32,12 +46,19 @@ class TrainingGrid:
                          ) -> list[Message]:
         replies = []
         for msg in messages:
+            self.pushed += 1
+            msg.metadata.__dict__["_message_id"] = f"message-{self.pushed}"  # as Flower's grid
             config = dict(msg.content["config"])
             self.configs.append(config)
             if config["server-round"] == self.crash_at_round:
                 raise Crash(f"server killed in round {self.crash_at_round}")
             node = msg.metadata.dst_node_id
             if node in self.silent.get(config["server-round"], set()):
+                continue
+            if node in self.unavailable.get(config["server-round"], set()):
+                error = Message(Error(code=3, reason="Node Unavailable"), reply_to=msg)
+                error.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+                replies.append(error)
                 continue
             content = RecordDict({"metrics": MetricRecord({"num-examples": 10, "loss": 0.5}),
                                   "site": ConfigRecord({"name": f"site-{node}"})})

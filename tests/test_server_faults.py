@@ -29,20 +29,29 @@ def _run(tmp_path: Path, grid: TrainingGrid, min_sites: int) -> tuple[dict, np.n
 
 
 def test_a_dead_site_is_logged_missing_and_taken_back_when_it_returns(tmp_path: Path) -> None:
-    history, with_gap = _run(tmp_path / "a", TrainingGrid(silent={2: {2}}), min_sites=1)
+    history, with_gap = _run(tmp_path / "a", TrainingGrid(silent={2: {3}}), min_sites=1)
     _, full = _run(tmp_path / "b", TrainingGrid(), min_sites=1)
     rounds = history["rounds"]
-    assert rounds[1]["missing"] == {"train": ["site-2"], "evaluate": ["site-2"]}
+    assert rounds[1]["missing"] == {"train": ["site-3"], "evaluate": ["site-3"]}
     assert rounds[0]["missing"] == {} and rounds[2]["missing"] == {}
-    assert set(rounds[1]["sites"]) == {"site-1"}
-    assert set(rounds[2]["sites"]) == {"site-1", "site-2"}
-    # Round 2 aggregated site-1's step alone; rounds 1 and 3 the mean of both.
-    np.testing.assert_allclose(full - with_gap, (STEP[1] + STEP[2]) / 2 - STEP[1], atol=1e-6)
+    assert set(rounds[1]["sites"]) == {"site-2"}
+    assert set(rounds[2]["sites"]) == {"site-2", "site-3"}
+    # Round 2 aggregated site-2's step alone; rounds 1 and 3 the mean of both.
+    np.testing.assert_allclose(full - with_gap, (STEP[2] + STEP[3]) / 2 - STEP[2], atol=1e-6)
+
+
+def test_a_node_the_superlink_reports_unavailable_is_named_and_missing(tmp_path: Path) -> None:
+    history, _ = _run(tmp_path, TrainingGrid(unavailable={2: {3}}), min_sites=1)
+    second = history["rounds"][1]
+    assert second["refused"] == {"site-3 (train)": "Node Unavailable",
+                                 "site-3 (evaluate)": "Node Unavailable"}
+    assert second["missing"] == {"train": ["site-3"], "evaluate": ["site-3"]}
+    assert set(second["sites"]) == {"site-2"}
 
 
 def test_below_min_sites_the_global_parameters_are_kept(tmp_path: Path) -> None:
-    history, with_gap = _run(tmp_path / "a", TrainingGrid(silent={2: {2}}), min_sites=2)
+    history, with_gap = _run(tmp_path / "a", TrainingGrid(silent={2: {3}}), min_sites=2)
     _, full = _run(tmp_path / "b", TrainingGrid(), min_sites=2)
-    assert history["rounds"][1]["missing"]["train"] == ["site-2"]
+    assert history["rounds"][1]["missing"]["train"] == ["site-3"]
     # Round 2 aggregated nothing: one round's mean step fewer than the full run.
-    np.testing.assert_allclose(full - with_gap, (STEP[1] + STEP[2]) / 2, atol=1e-6)
+    np.testing.assert_allclose(full - with_gap, (STEP[2] + STEP[3]) / 2, atol=1e-6)
