@@ -83,7 +83,8 @@ class PrivacyLedger:
         if recorded is not None and recorded != self.delta:
             raise LedgerError(
                 f"ledger {self.path} accounts at delta={recorded} but the site is configured "
-                f"with delta={self.delta}; keep delta fixed for a ledger or start a new ledger file"
+                f"with delta={self.delta}; set delta back to {recorded}: what the ledger records "
+                "was spent at that delta, and a new ledger file would forget it"
             )
 
     # ----------------------------------------------------------------- storage

@@ -1,7 +1,13 @@
 """Who this site is: its data, its ledger, its budget and its device.
 
 Resolved from the run's :class:`FederationConfig` and the node config of the
-SuperNode (or simulated node) the ClientApp runs on.
+SuperNode (or simulated node) the ClientApp runs on. A simulated site is picked
+by ``partition-id``; a deployed site (node config with ``data-path``, as
+``fedshift site run`` sets it from the site's TOML) reads its own data and must
+set its own budget and ledger (``epsilon``, ``delta``, ``ledger-path``); it
+refuses runs with DP turned off, so the server can neither raise the budget nor
+move the ledger (a fresh ledger would forget what was spent). Wherever the node
+config sets ``epsilon``, ``delta`` or ``clip``, they replace the run config's.
 """
 
 from __future__ import annotations
@@ -16,13 +22,23 @@ import torch
 from client.privacy_ledger import PrivacyLedger
 from common.federated_data import SiteData, load_federation, site_name
 from common.federation_config import ConfigError, FederationConfig
+from common.site_images import load_site_images
 
 SiteLoader = Callable[[FederationConfig], Sequence[SiteData]]
+
+# Node config keys a deployed site must set itself (the budget belongs to the site).
+DEPLOYED_REQUIRED = ("site-name", "data-format", "epsilon", "delta", "ledger-path")
 
 
 @dataclass(frozen=True)
 class SiteRuntime:
-    """Everything a site needs to answer one message."""
+    """Everything a site needs to answer one message.
+
+    ``cfg`` is the run's config with the site's own ``epsilon``, ``delta`` and
+    ``clip`` in force; ``skipped_images`` counts the site's image files that could
+    not be read (0 for simulated sites); the ``allow_*`` flags say which optional
+    releases the site allows.
+    """
 
     name: str
     cfg: FederationConfig
@@ -31,6 +47,9 @@ class SiteRuntime:
     device: torch.device
     allow_metrics: bool
     run_key: str
+    allow_label_histograms: bool = True
+    allow_shift_summaries: bool = True
+    skipped_images: int = 0
 
 
 def _device(value: str) -> torch.device:
@@ -47,31 +66,92 @@ def _flag(value: Any) -> bool:
     return value if isinstance(value, bool) else str(value).lower() in ("true", "1", "yes")
 
 
-def resolve_site(cfg: FederationConfig, node_config: dict[str, Any], run_key: str,
-                 load_sites: SiteLoader = load_federation) -> SiteRuntime:
-    """Build the site's runtime; raises ConfigError when the node config is unusable."""
+def _site_budget(cfg: FederationConfig, node_config: dict[str, Any]) -> FederationConfig:
+    """The run config with the node's own epsilon, delta and clip (where set) in force."""
+    own = {key: float(node_config[key]) for key in ("epsilon", "delta", "clip")
+           if key in node_config}
+    return cfg.replace(**own) if own else cfg
+
+
+def _simulated_data(cfg: FederationConfig, node_config: dict[str, Any],
+                    load_sites: SiteLoader) -> tuple[str, SiteData, int]:
     if "partition-id" not in node_config:
         raise ConfigError(
-            "node config has no partition-id: this ClientApp serves simulated sites "
-            "(Flower's simulation engine sets partition-id)"
+            "node config has neither data-path (a deployed site: run it with `fedshift site "
+            "run site.toml`) nor partition-id (a simulated site, set by Flower's simulation "
+            "engine)"
         )
     index = int(node_config["partition-id"])
     if not 0 <= index < cfg.num_sites:
         raise ConfigError(f"partition-id {index} is outside 0..{cfg.num_sites - 1}")
-    data = load_sites(cfg)[index]
+    return str(node_config.get("site-name", site_name(index))), load_sites(cfg)[index], 0
+
+
+def _deployed_data(cfg: FederationConfig, node_config: dict[str, Any]
+                   ) -> tuple[str, SiteData, int]:
+    missing = [key for key in DEPLOYED_REQUIRED if key not in node_config]
+    if missing:
+        raise ConfigError(
+            f"node config sets data-path but not {', '.join(missing)}: a deployed site sets "
+            "its own name, data format and budget (`fedshift site run site.toml` passes them)"
+        )
+    if not cfg.dp:
+        raise ConfigError(
+            "the run turns DP off (dp = false) but this site releases training updates only "
+            "under DP; the site refuses the run"
+        )
+    name = str(node_config["site-name"])
+    loaded = load_site_images(Path(str(node_config["data-path"])),
+                              str(node_config["data-format"]),
+                              int(node_config.get("channels", 1)), cfg.image_size, name)
+    return name, loaded.data, len(loaded.skipped)
+
+
+def resolve_site(cfg: FederationConfig, node_config: dict[str, Any], run_key: str,
+                 load_sites: SiteLoader = load_federation) -> SiteRuntime:
+    """Build the site's runtime.
+
+    Parameters
+    ----------
+    cfg : FederationConfig
+        The run's config.
+    node_config : dict
+        The node's config: ``data-path`` for a deployed site (see
+        :meth:`client.site_config.SiteConfig.node_config`), else ``partition-id``.
+    run_key : str
+        Identifies the run in the ledger.
+    load_sites : SiteLoader (default: load_federation)
+        The simulated sites' data for a config (simulated sites only).
+
+    Raises
+    ------
+    ConfigError
+        When the node config is unusable or does not fit the run.
+    DataFileError
+        When a deployed site's data cannot be read.
+    LedgerError
+        When the ledger cannot be read or accounts at another delta.
+    """
+    cfg = _site_budget(cfg, node_config)
+    deployed = "data-path" in node_config
+    if deployed:
+        name, data, skipped = _deployed_data(cfg, node_config)
+    else:
+        name, data, skipped = _simulated_data(cfg, node_config, load_sites)
     if data.num_classes > cfg.num_classes or data.in_channels != cfg.in_channels:
         raise ConfigError(
             f"site data has {data.num_classes} classes and {data.in_channels} channels but the "
             f"run expects num-classes={cfg.num_classes}, in-channels={cfg.in_channels}"
         )
-    name = str(node_config.get("site-name", site_name(index)))
     ledger = None
     if cfg.dp:
         path = node_config.get("ledger-path") or Path(cfg.state_dir) / "ledgers" / f"{name}.json"
-        ledger = PrivacyLedger(Path(path), float(node_config.get("epsilon", cfg.epsilon)),
-                               float(node_config.get("delta", cfg.delta)))
+        ledger = PrivacyLedger(Path(path), cfg.epsilon, cfg.delta)
     return SiteRuntime(
         name=name, cfg=cfg, data=data, ledger=ledger,
         device=_device(str(node_config.get("device", "auto"))),
         allow_metrics=_flag(node_config.get("allow-metrics", True)), run_key=run_key,
+        allow_label_histograms=_flag(node_config.get("allow-label-histograms", True)),
+        allow_shift_summaries=_flag(node_config.get("allow-shift-summaries", True)),
+        skipped_images=skipped,
     )

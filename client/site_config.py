@@ -1,0 +1,325 @@
+"""A hospital site's own settings, read from its TOML file and checked at the edge.
+
+The file (see ``client/site.example.toml``) names the site, its data, its
+privacy budget and ledger, the releases it allows, its device and how its
+SuperNode reaches the SuperLink. Relative paths are taken from the file's own
+folder. :meth:`SiteConfig.node_config` turns the settings the ClientApp needs into
+the flat Flower node config that ``fedshift site run`` passes to
+``flower-supernode`` (:mod:`client.site_runtime` reads it).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.federation_config import ConfigError
+from common.site_images import FORMATS
+
+DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_CLIENTAPP_PORT = 9094
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_MISSING = object()
+
+NodeConfig = dict[str, str | int | float | bool]
+
+
+class SiteConfigError(ConfigError):
+    """The site's TOML file is missing, malformed or has an unusable setting."""
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """``[data]``: where the site's images are and how to read them.
+
+    Parameters
+    ----------
+    path : Path
+        A MedMNIST ``.npz`` file or the root of an image / DICOM tree.
+    format : str
+        ``medmnist``, ``imagefolder`` or ``dicom``.
+    channels : int (default: 1)
+        1 (grey) or 3 (RGB): every image is converted to this; the run's
+        ``in-channels`` must match.
+    """
+
+    path: Path
+    format: str
+    channels: int = 1
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """``[privacy]``: the site's budget, enforced by the site for everything it releases.
+
+    Parameters
+    ----------
+    epsilon : float
+        Budget over all runs recorded in the ledger.
+    delta : float
+        The delta of the budget; fixed for the life of a ledger.
+    clip : float
+        Per-sample gradient norm bound of DP-SGD; replaces the run's ``clip``.
+    ledger : Path
+        The privacy ledger file (created on first use).
+    """
+
+    epsilon: float
+    delta: float
+    clip: float
+    ledger: Path
+
+
+@dataclass(frozen=True)
+class ReleaseSettings:
+    """``[releases]``: which optional or non-DP releases the site allows.
+
+    Parameters
+    ----------
+    evaluation_metrics : bool (default: True)
+        Metrics on the site's test split (not DP).
+    label_histograms : bool (default: True)
+        DP class counts of the training split sent with the moment summaries.
+    shift_summaries : bool (default: True)
+        DP shift summaries (moments, score histograms of validation and pool).
+    """
+
+    evaluation_metrics: bool = True
+    label_histograms: bool = True
+    shift_summaries: bool = True
+
+
+@dataclass(frozen=True)
+class SuperLinkSettings:
+    """``[superlink]``: how the site's SuperNode connects.
+
+    Parameters
+    ----------
+    address : str
+        The SuperLink's Fleet API as ``host:port``.
+    ca_certificate : Path
+        PEM root certificate(s) that verify the SuperLink's TLS certificate.
+    private_key : Path
+        The SuperNode's authentication key (an EC key on a NIST curve, in
+        OpenSSH format, as ``ssh-keygen -t ecdsa -b 384`` writes it).
+    clientapp_port : int (default: 9094)
+        Local port of the SuperNode's runtime API for its ClientApp processes;
+        SuperNodes on one machine need distinct ports.
+    """
+
+    address: str
+    ca_certificate: Path
+    private_key: Path
+    clientapp_port: int = DEFAULT_CLIENTAPP_PORT
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One site's settings (see the module docstring and ``client/site.example.toml``).
+
+    Parameters
+    ----------
+    name : str
+        The site's name: letters, digits, ``.``, ``_``, ``-`` (at most 64).
+    data, privacy, releases, superlink
+        The file's tables.
+    device : str (default: "auto")
+        ``auto`` (CUDA when visible), ``cpu`` or ``cuda``.
+    source : Path
+        The file the settings were read from.
+    """
+
+    name: str
+    data: DataSettings
+    privacy: PrivacySettings
+    releases: ReleaseSettings
+    superlink: SuperLinkSettings
+    device: str
+    source: Path
+
+    def node_config(self) -> NodeConfig:
+        """The Flower node config the ClientApp reads (flat, hyphenated keys)."""
+        return {
+            "site-name": self.name,
+            "data-path": str(self.data.path),
+            "data-format": self.data.format,
+            "channels": self.data.channels,
+            "epsilon": self.privacy.epsilon,
+            "delta": self.privacy.delta,
+            "clip": self.privacy.clip,
+            "ledger-path": str(self.privacy.ledger),
+            "allow-metrics": self.releases.evaluation_metrics,
+            "allow-label-histograms": self.releases.label_histograms,
+            "allow-shift-summaries": self.releases.shift_summaries,
+            "device": self.device,
+        }
+
+
+class _Table:
+    """Typed reads from one TOML table; every error names the file, the key and the fix."""
+
+    def __init__(self, raw: dict[str, Any], table: str | None, source: Path) -> None:
+        self.raw, self.table, self.source = raw, table, source
+        self.read: set[str] = set()
+
+    def _where(self, key: str) -> str:
+        return f"[{self.table}] {key}" if self.table else key
+
+    def fail(self, key: str, problem: str) -> SiteConfigError:
+        shown = f" = {self.raw[key]!r}" if key in self.raw else ""
+        return SiteConfigError(f"{self.source}: {self._where(key)}{shown}: {problem}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any, what: str) -> Any:
+        self.read.add(key)
+        if key not in self.raw:
+            if default is _MISSING:
+                table = f" to [{self.table}]" if self.table else ""
+                raise SiteConfigError(f"{self.source}: {self._where(key)} is missing; add{table} "
+                                      f"{key} = {what}")
+            return default
+        value = self.raw[key]
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise self.fail(key, f"expected {what}, not a boolean")
+        if not isinstance(value, kind):
+            raise self.fail(key, f"expected {what}")
+        return value
+
+    def text(self, key: str, what: str, default: Any = _MISSING,
+             choices: tuple[str, ...] = ()) -> str:
+        value = self.get(key, str, default, what)
+        if not value.strip():
+            raise self.fail(key, f"must not be empty; expected {what}")
+        if choices and value not in choices:
+            raise self.fail(key, f"must be one of {', '.join(choices)}")
+        return value
+
+    def number(self, key: str, what: str, ok: Callable[[float], bool],
+               default: Any = _MISSING) -> float:
+        value = float(self.get(key, (int, float), default, what))
+        if not (math.isfinite(value) and ok(value)):
+            raise self.fail(key, f"expected {what}")
+        return value
+
+    def integer(self, key: str, what: str, choices: range | tuple[int, ...],
+                default: Any = _MISSING) -> int:
+        value = self.get(key, int, default, what)
+        if value not in choices:
+            raise self.fail(key, f"expected {what}")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        return self.get(key, bool, default, "true or false")
+
+    def path(self, key: str, what: str) -> Path:
+        value = Path(self.text(key, what)).expanduser()
+        return Path(os.path.normpath(self.source.parent / value))
+
+    def table_of(self, key: str, required: bool) -> _Table:
+        self.read.add(key)
+        if key not in self.raw and not required:
+            return _Table({}, key, self.source)
+        if not isinstance(self.raw.get(key), dict):
+            raise SiteConfigError(f"{self.source}: table [{key}] is missing (or not a table); "
+                                  "see client/site.example.toml")
+        return _Table(self.raw[key], key, self.source)
+
+    def done(self) -> None:
+        unknown = sorted(set(self.raw) - self.read)
+        if unknown:
+            known = ", ".join(sorted(self.read))
+            where = f"[{self.table}]" if self.table else "the top level"
+            raise SiteConfigError(f"{self.source}: unknown setting(s) {', '.join(unknown)} in "
+                                  f"{where}; known there: {known}")
+
+
+def _address(table: _Table) -> str:
+    """``host:port`` as flower-supernode's --superlink takes it (IPv6 hosts in brackets)."""
+    address = table.text("address", '"host:port" of the SuperLink\'s Fleet API')
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host.strip("[]") or not port.isdigit() or \
+            not 1 <= int(port) <= 65535:
+        raise table.fail("address", "expected host:port without a URL prefix, e.g. "
+                                    '"fl.example.org:8000" or "[2001:db8::1]:8000"')
+    return address
+
+
+def load_site_config(path: str | Path) -> SiteConfig:
+    """Read and check a site's TOML file.
+
+    Parameters
+    ----------
+    path : str | Path
+        The file; relative paths inside it are taken from its folder.
+
+    Returns
+    -------
+    SiteConfig
+        The checked settings, paths absolute.
+
+    Raises
+    ------
+    SiteConfigError
+        When the file cannot be read or parsed, a required setting is missing, a
+        setting is unknown (a typo) or has an unusable value; the message names
+        the file, the key, the value and what to write instead.
+    """
+    source = Path(path).expanduser().absolute()
+    try:
+        raw = tomllib.loads(source.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SiteConfigError(f"cannot read the site config {source}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise SiteConfigError(f"{source} is not valid TOML: {exc}") from None
+    top = _Table(raw, None, source)
+    name = top.text("name", '"the-site-name"')
+    if not _NAME.fullmatch(name):
+        raise top.fail("name", "use 1 to 64 letters, digits, '.', '_' or '-', starting with a "
+                               "letter or digit")
+    device = top.text("device", '"auto", "cpu" or "cuda"', "auto", DEVICES)
+
+    table = top.table_of("data", required=True)
+    data = DataSettings(
+        path=table.path("path", '"path/to/images" (a MedMNIST .npz file or an image tree)'),
+        format=table.text("format", " or ".join(f'"{f}"' for f in FORMATS), choices=FORMATS),
+        channels=table.integer("channels", "1 (grey) or 3 (RGB)", (1, 3), 1),
+    )
+    table.done()
+
+    table = top.table_of("privacy", required=True)
+    privacy = PrivacySettings(
+        epsilon=table.number("epsilon", "a finite number > 0 (the site's budget), e.g. 1.0",
+                             lambda v: v > 0),
+        delta=table.number("delta", "a number in (0, 1), well below 1 / training images, "
+                                    "e.g. 1e-5", lambda v: 0 < v < 1),
+        clip=table.number("clip", "a finite number > 0 (per-sample gradient norm bound), "
+                                  "e.g. 0.1", lambda v: v > 0),
+        ledger=table.path("ledger", '"path/to/privacy-ledger.json"'),
+    )
+    table.done()
+
+    table = top.table_of("releases", required=False)
+    releases = ReleaseSettings(
+        evaluation_metrics=table.flag("evaluation_metrics", True),
+        label_histograms=table.flag("label_histograms", True),
+        shift_summaries=table.flag("shift_summaries", True),
+    )
+    table.done()
+
+    table = top.table_of("superlink", required=True)
+    superlink = SuperLinkSettings(
+        address=_address(table),
+        ca_certificate=table.path("ca_certificate", '"path/to/ca.crt" (PEM)'),
+        private_key=table.path("private_key", '"path/to/supernode-key" (OpenSSH EC key)'),
+        clientapp_port=table.integer("clientapp_port", "a port number in 1..65535",
+                                     range(1, 65536), DEFAULT_CLIENTAPP_PORT),
+    )
+    table.done()
+    top.done()
+    return SiteConfig(name=name, data=data, privacy=privacy, releases=releases,
+                      superlink=superlink, device=device, source=source)
