@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from client.site_cli import add_site_parser, run_site_command
 from common.backbones import BACKBONES, BackboneError
 from common.federation_config import AGGREGATORS, ConfigError, FederationConfig
 from common.medmnist_files import DataFileError
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_simulate(sub)
     add_report_parser(sub)
     add_credentials_parser(sub)
+    add_site_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -159,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_report(args)
         if args.command == "credentials":
             return run_credentials(args)
+        if args.command == "site":
+            return run_site_command(args)
         return _simulate(args)
     except (ConfigError, BackboneError, DataFileError) as exc:
         print(f"fedshift: error: {exc}", file=sys.stderr)
