@@ -11,11 +11,18 @@ from its node config and win over the run config where both exist:
 ``allow-metrics`` (default true)
     Whether evaluation metrics on the site's private test data may be released
     (a non-DP release, recorded in the ledger).
+``allow-shift-summaries``, ``allow-label-histograms`` (default true)
+    Whether the site answers shift queries (DP feature moments and score
+    histograms, which carry per-class counts).
+``data-path``, ``data-format``, ``channels``, ``clip``
+    A deployed site's own data and settings (``fedshift site run`` passes them
+    from the site's TOML file; see :mod:`client.site_config`).
 ``device``
     ``cuda``, ``cpu`` or ``auto`` (default: CUDA when available).
 
 Besides ``train`` and ``evaluate`` it answers ``query.shift`` messages with DP
-shift summaries (:mod:`client.shift_queries`).
+shift summaries (:mod:`client.shift_queries`). Train and evaluate replies carry
+``skipped-images``: how many of the site's image files could not be read.
 """
 
 from __future__ import annotations
@@ -93,9 +100,14 @@ def _guarded(handler: Callable[[Message, SiteRuntime], RecordDict],
     return run
 
 
+def _with_skipped(metrics: dict[str, float | int], site: SiteRuntime) -> MetricRecord:
+    """The reply's metrics, with how many of the site's image files were unreadable."""
+    return MetricRecord({**metrics, "skipped-images": site.skipped_images})
+
+
 def _train(msg: Message, site: SiteRuntime) -> RecordDict:
     arrays, metrics = train_site(site, msg.content["arrays"], msg.content["config"])
-    return RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics),
+    return RecordDict({"arrays": arrays, "metrics": _with_skipped(metrics, site),
                        "site": ConfigRecord({"name": site.name})})
 
 
@@ -105,11 +117,20 @@ def _evaluate(msg: Message, site: SiteRuntime) -> RecordDict:
             f"site {site.name} does not release evaluation metrics (allow-metrics = false)"
         )
     metrics = evaluate_site(site, msg.content["arrays"], msg.content["config"])
-    return RecordDict({"metrics": MetricRecord(metrics),
+    return RecordDict({"metrics": _with_skipped(metrics, site),
                        "site": ConfigRecord({"name": site.name})})
 
 
 def _shift(msg: Message, site: SiteRuntime) -> RecordDict:
+    refused = [key for key, allowed in (("shift-summaries", site.allow_shift_summaries),
+                                        ("label-histograms", site.allow_label_histograms))
+               if not allowed]
+    if refused:
+        raise ReleaseNotAllowed(
+            f"site {site.name} does not release {' or '.join(refused)} (allow-"
+            f"{' = false, allow-'.join(refused)} = false); shift summaries carry per-class "
+            "counts, so they need both"
+        )
     arrays, metrics = answer_shift_query(site, msg.content["arrays"], msg.content["config"])
     return RecordDict({
         "summaries": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),

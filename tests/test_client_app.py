@@ -15,6 +15,7 @@ from common.federation_config import FederationConfig
 from common.model_surgery import build_model
 from common.privacy_accounting import epsilon_spent
 from common.trainable_arrays import trainable_arrays
+from tests.site_files import write_class_tree
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -28,13 +29,14 @@ def cfg(small_pneumonia_dir: Path, tmp_path: Path) -> FederationConfig:
 
 
 def _send(cfg: FederationConfig, message_type: str, arrays: ArrayRecord, round_: int,
-          node_config: dict | None = None) -> Message:
+          node_config: dict | None = None, run_id: int = 42, **config: str) -> Message:
     app = make_client_app(cfg)
     msg = Message(
-        content=RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": round_})}),
+        content=RecordDict({"arrays": arrays,
+                            "config": ConfigRecord({"server-round": round_, **config})}),
         dst_node_id=7, message_type=message_type,
     )
-    context = Context(run_id=42, node_id=7, node_config=node_config or {"partition-id": 1},
+    context = Context(run_id=run_id, node_id=7, node_config=node_config or {"partition-id": 1},
                       state=RecordDict(), run_config={})
     return app(msg, context)
 
@@ -106,3 +108,46 @@ def test_arrays_for_another_model_are_refused(cfg: FederationConfig) -> None:
     assert not (Path(cfg.state_dir) / "ledgers" / "site-1.json").exists() or not [
         e for e in PrivacyLedger(Path(cfg.state_dir) / "ledgers" / "site-1.json", 2.0,
                                  cfg.delta).entries() if e["kind"] == "gaussian"]
+
+
+def test_the_servers_run_key_keeps_the_ledger_on_one_run_across_flower_runs(
+        cfg: FederationConfig) -> None:
+    cfg = cfg.replace(num_rounds=2)
+    initial = trainable_arrays(build_model(cfg.model_spec()))
+    first = _send(cfg, MessageType.TRAIN, initial, 1, run_id=42, **{"run-key": "abc"})
+    # The server crashed; the resumed run is a new Flower run with the same run key.
+    second = _send(cfg, MessageType.TRAIN, initial, 2, run_id=43, **{"run-key": "abc"})
+    assert not first.has_error() and not second.has_error()
+    ledger = PrivacyLedger(Path(cfg.state_dir) / "ledgers" / "site-1.json", 2.0, cfg.delta)
+    assert {e["run"] for e in ledger.entries()} == {"abc"}
+    assert second.content["metrics"]["noise-multiplier"] == first.content["metrics"][
+        "noise-multiplier"]
+    assert second.content["metrics"]["steps"] == 2 * first.content["metrics"]["steps"]
+
+
+def test_a_deployed_site_skips_unreadable_images_and_says_how_many(
+        cfg: FederationConfig, tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    write_class_tree(root / "test", {"normal": 6, "pneumonia": 6})
+    write_class_tree(root / "train", {"normal": 6, "pneumonia": 6}, seed=1)
+    write_class_tree(root / "val", {"normal": 3, "pneumonia": 3}, seed=2)
+    (root / "train" / "normal" / "broken.png").write_bytes(b"\x89PNG not really")
+    (root / "test" / "pneumonia" / "empty.png").write_bytes(b"")
+    node = {"site-name": "st-test", "data-path": str(root), "data-format": "imagefolder",
+            "epsilon": 2.0, "delta": 1e-5, "ledger-path": str(tmp_path / "ledger.json")}
+    reply = _send(cfg, MessageType.EVALUATE, trainable_arrays(build_model(cfg.model_spec())),
+                  1, node)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert reply.content["metrics"]["skipped-images"] == 2
+    assert reply.content["metrics"]["num-examples"] == 12
+
+
+def test_shift_queries_are_refused_where_the_site_does_not_allow_them(
+        cfg: FederationConfig) -> None:
+    initial = trainable_arrays(build_model(cfg.model_spec()))
+    for key in ("allow-shift-summaries", "allow-label-histograms"):
+        reply = _send(cfg, "query.shift", initial, 1, {"partition-id": 1, key: False},
+                      kind="moments")
+        assert reply.error.code == ERROR_NOT_ALLOWED
+        assert f"{key} = false" in reply.error.reason
+    assert not (Path(cfg.state_dir) / "ledgers" / "site-1.json").exists()
