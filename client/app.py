@@ -81,7 +81,7 @@ def _guarded(handler: Callable[[Message, SiteRuntime], RecordDict],
              config: FederationConfig | None, load_sites: SiteLoader
              ) -> Callable[[Message, Context], Message]:
     def run(msg: Message, context: Context) -> Message:
-        who = f"node {context.node_id}"
+        who = str(context.node_config.get("site-name", f"node {context.node_id}"))
         try:
             cfg = config or FederationConfig.from_flower(context.run_config)
             site = resolve_site(cfg, dict(context.node_config), _run_key(msg, context),

@@ -49,6 +49,11 @@ def _class_probs(cfg: FederationConfig, num_classes: int) -> np.ndarray:
 @functools.lru_cache(maxsize=2)
 def load_federation(cfg: FederationConfig) -> tuple[SiteData, ...]:
     """Every simulated site's data for ``cfg`` (deterministic in ``cfg.seed``)."""
+    if len(cfg.prevalences) != cfg.num_sites:
+        raise ConfigError(
+            f"prevalences lists {len(cfg.prevalences)} values for {cfg.num_sites} simulated "
+            "sites; give one per site"
+        )
     splits = load_medmnist(find_medmnist_file(cfg.dataset, cfg.data_dir or None))
     probs = _class_probs(cfg, splits.num_classes)
     rng = np.random.default_rng(cfg.seed)

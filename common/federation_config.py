@@ -47,9 +47,11 @@ class FederationConfig:
     in_channels : int (default: 1)
         Channels of the images (1 grey, 3 colour); the input adapter maps them to RGB.
     num_sites : int (default: 4)
-        Number of simulated hospitals.
+        Number of hospitals: simulated ones, or in a deployment the SuperNodes the
+        run waits for (see ``min_sites``).
     prevalences : tuple[float, ...] (default: (0.4, 0.6, 0.75, 0.9))
-        Per simulated site, the fraction of class 1 (pneumonia) in its splits.
+        Per simulated site, the fraction of class 1 (pneumonia) in its splits; one
+        value per site. Deployed sites hold their own data and ignore it.
     backbone : str (default: "efficientnet_lite0")
         Backbone registry name.
     weights : str (default: "")
@@ -172,9 +174,6 @@ class FederationConfig:
             (self.num_classes >= 2, f"num-classes must be >= 2, got {self.num_classes}"),
             (self.in_channels >= 1, f"in-channels must be >= 1, got {self.in_channels}"),
             (self.num_sites >= 1, f"num-sites must be >= 1, got {self.num_sites}"),
-            (len(self.prevalences) == self.num_sites,
-             f"prevalences lists {len(self.prevalences)} values for {self.num_sites} sites; "
-             "give one per site"),
             (all(0 <= p <= 1 for p in self.prevalences),
              f"prevalences must lie in [0, 1], got {list(self.prevalences)}"),
             (self.num_rounds >= 1, f"num-rounds must be >= 1, got {self.num_rounds}"),

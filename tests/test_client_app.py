@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client.app import ERROR_BAD_REQUEST, ERROR_BUDGET_EXCEEDED, ERROR_NOT_ALLOWED, make_client_app
+from client.app import (
+    ERROR_BAD_REQUEST,
+    ERROR_BUDGET_EXCEEDED,
+    ERROR_NOT_ALLOWED,
+    ERROR_SITE_DATA,
+    make_client_app,
+)
 from client.local_training import LocalTrainingConfig, steps_per_round
 from client.privacy_ledger import PrivacyLedger
 from common.federated_data import load_federation
@@ -151,3 +157,18 @@ def test_shift_queries_are_refused_where_the_site_does_not_allow_them(
         assert reply.error.code == ERROR_NOT_ALLOWED
         assert f"{key} = false" in reply.error.reason
     assert not (Path(cfg.state_dir) / "ledgers" / "site-1.json").exists()
+
+
+def test_a_site_whose_data_cannot_be_read_says_so_and_spends_nothing(
+        cfg: FederationConfig, tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    (root / "normal").mkdir(parents=True)
+    (root / "normal" / "scan.png").write_bytes(b"not an image")
+    ledger = tmp_path / "ledger.json"
+    node = {"site-name": "st-test", "data-path": str(root), "data-format": "imagefolder",
+            "epsilon": 2.0, "delta": 1e-5, "ledger-path": str(ledger)}
+    reply = _send(cfg, MessageType.TRAIN, trainable_arrays(build_model(cfg.model_spec())), 1,
+                  node)
+    assert reply.error.code == ERROR_SITE_DATA
+    assert str(root) in reply.error.reason and "st-test" in reply.error.reason
+    assert not ledger.exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from common.backbones import BackboneError
+from common.federated_data import load_federation
 from common.federation_config import ConfigError, FederationConfig
 
 
@@ -18,9 +19,11 @@ def test_non_private_runs_need_no_budget() -> None:
     assert not FederationConfig(dp=False, epsilon=0.0).dp
 
 
-def test_one_prevalence_per_site() -> None:
+def test_simulated_sites_need_one_prevalence_each_deployed_ones_none() -> None:
+    cfg = FederationConfig(num_sites=3)  # a deployment of three sites
+    assert cfg.required_sites == 3
     with pytest.raises(ConfigError, match="one per site"):
-        FederationConfig(num_sites=3)
+        load_federation(cfg)
 
 
 def test_unknown_backbone() -> None:
