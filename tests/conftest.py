@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
+
+from tests.site_files import write_medmnist_slice
 
 SHARED_NPZ = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pneumoniamnist.npz"
 
@@ -24,16 +25,9 @@ def pneumonia_npz() -> Path:
 @pytest.fixture(scope="session")
 def small_pneumonia_dir(tmp_path_factory: pytest.TempPathFactory, pneumonia_npz: Path) -> Path:
     """A directory holding pneumoniamnist.npz cut to a random slice of every split."""
-    sizes = {"train": 480, "val": 80, "test": 160}
     out = tmp_path_factory.mktemp("small-data")
-    rng = np.random.default_rng(0)
-    with np.load(pneumonia_npz) as data:
-        arrays = {}
-        for split, n in sizes.items():
-            rows = rng.choice(len(data[f"{split}_labels"]), size=n, replace=False)
-            arrays[f"{split}_images"] = data[f"{split}_images"][rows]
-            arrays[f"{split}_labels"] = data[f"{split}_labels"][rows]
-    np.savez(out / "pneumoniamnist.npz", **arrays)
+    write_medmnist_slice(pneumonia_npz, out / "pneumoniamnist.npz",
+                         {"train": 480, "val": 80, "test": 160}, seed=0)
     return out
 
 

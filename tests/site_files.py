@@ -1,4 +1,4 @@
-"""Files a deployed site has, made in a test's tmp_path: images, DICOM, keys, certificates."""
+"""Files a site has, made in tmp_path: MedMNIST slices, images, DICOM, keys, certificates."""
 
 from __future__ import annotations
 
@@ -13,6 +13,20 @@ from cryptography.x509.oid import NameOID
 from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+
+def write_medmnist_slice(source: Path, out: Path, sizes: dict[str, int], seed: int) -> Path:
+    """``out``: a MedMNIST file with ``sizes[split]`` random rows of each split of ``source``."""
+    rng = np.random.default_rng(seed)
+    with np.load(source) as data:
+        arrays = {}
+        for split, n in sizes.items():
+            rows = rng.choice(len(data[f"{split}_labels"]), size=n, replace=False)
+            arrays[f"{split}_images"] = data[f"{split}_images"][rows]
+            arrays[f"{split}_labels"] = data[f"{split}_labels"][rows]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, **arrays)
+    return out
 
 
 def write_png(path: Path, pixels: np.ndarray) -> Path:

@@ -21,6 +21,7 @@ from common.federation_config import FederationConfig
 from server.checkpoint import CHECKPOINT_FILE, config_fingerprint, load_checkpoint
 from server.run_records import FINAL_ARRAYS_FILE, HISTORY_FILE, load_arrays
 from tests.loopback_federation import LoopbackFederation, free_port, wait_for
+from tests.site_files import write_medmnist_slice
 
 pytestmark = pytest.mark.slow
 
@@ -30,24 +31,10 @@ ROUNDS = 3
 SIZES = {"train": 48, "val": 24, "test": 24}
 
 
-def _site_data(source: Path, out: Path, seed: int) -> Path:
-    """A small MedMNIST file of one site's own images."""
-    rng = np.random.default_rng(seed)
-    with np.load(source) as data:
-        arrays = {}
-        for split, n in SIZES.items():
-            rows = rng.choice(len(data[f"{split}_labels"]), size=n, replace=False)
-            arrays[f"{split}_images"] = data[f"{split}_images"][rows]
-            arrays[f"{split}_labels"] = data[f"{split}_labels"][rows]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, **arrays)
-    return out
-
-
 def _site_config(federation: LoopbackFederation, site: str, source: Path, folder: Path,
                  seed: int) -> Path:
     """The site's TOML file, as a hospital writes it."""
-    data = _site_data(source, folder / "data.npz", seed)
+    data = write_medmnist_slice(source, folder / "data.npz", SIZES, seed)
     key = federation.creds.site_keys[site][0]
     path = folder / "site.toml"
     path.write_text(f"""name = "{site}"
