@@ -44,7 +44,7 @@ def _start(cfg: FederationConfig, strategy: FedShiftStrategy, initial: ArrayReco
     """The checkpoint to go on from: the saved one of an unfinished run, else a fresh one."""
     fingerprint = config_fingerprint(cfg.to_flower())
     saved = load_checkpoint(state / CHECKPOINT_FILE, fingerprint)
-    if saved is not None and saved.server_round < cfg.num_rounds:
+    if saved is not None and not saved.finished:
         logger.info("resuming run %s after round %d from %s", saved.run_key,
                     saved.server_round, state / CHECKPOINT_FILE)
         strategy.restore(saved.strategy, saved.strategy_arrays)
@@ -68,14 +68,8 @@ def _round(grid: Grid, cfg: FederationConfig, strategy: FedShiftStrategy, server
     """One round: train at the sites, aggregate what passes the checks, evaluate."""
     replies = _phase(grid, strategy, "train", server_round, strategy.configure_train(
         server_round, arrays, ConfigRecord({"run-key": run_key}), grid), cfg.round_timeout)
-    answered = sum(not r.has_error() for r in replies)
-    if answered < cfg.required_sites:
-        logger.warning("round %d: %d site(s) answered, min-sites is %d; keeping the global "
-                       "parameters", server_round, answered, cfg.required_sites)
-        strategy.aggregate_train(server_round, [r for r in replies if r.has_error()])
-    else:
-        aggregated, _ = strategy.aggregate_train(server_round, replies)
-        arrays = aggregated if aggregated is not None else arrays
+    aggregated, _ = strategy.aggregate_train(server_round, replies)
+    arrays = aggregated if aggregated is not None else arrays
     replies = _phase(grid, strategy, "evaluate", server_round, strategy.configure_evaluate(
         server_round, arrays, ConfigRecord({"run-key": run_key}), grid), cfg.round_timeout)
     strategy.aggregate_evaluate(server_round, replies)
@@ -135,6 +129,8 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round: RoundCallback | 
         "full_model_bytes": full_model_bytes(model),
         "rounds": strategy.history,
     })
+    checkpoint.finished = True
+    save_checkpoint(state / CHECKPOINT_FILE, checkpoint)
     logger.info("history and final parameters written to %s", state)
     return strategy
 

@@ -1,6 +1,7 @@
 """The server's checkpoint: everything needed to resume a run after a crash.
 
-Written after every round as one ``.npz`` file, atomically (temporary file,
+Written after every round, and once more when the run's final records are
+written, as one ``.npz`` file, atomically (temporary file,
 fsync, rename), so a crash leaves either the previous checkpoint or the new
 one. It holds the global parameters, the round just finished, the run key the
 sites' ledgers know the run by, the strategy's state (history and FedAdam
@@ -51,6 +52,8 @@ class Checkpoint:
     """Strategy state held in arrays (FedAdam moments)."""
     monitor: dict[str, Any] = field(default_factory=dict)
     """JSON-serialisable shift monitor state."""
+    finished: bool = False
+    """Whether the run's final records (history, final parameters, shifts) are written."""
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
@@ -59,6 +62,7 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         "version": CHECKPOINT_VERSION, "run_key": checkpoint.run_key,
         "fingerprint": checkpoint.fingerprint, "server_round": checkpoint.server_round,
         "strategy": checkpoint.strategy, "monitor": checkpoint.monitor,
+        "finished": checkpoint.finished,
     }
     payload = {f"arrays/{k}": a.numpy() for k, a in checkpoint.arrays.items()}
     payload.update({f"strategy/{k}": v for k, v in checkpoint.strategy_arrays.items()})
@@ -112,4 +116,5 @@ def load_checkpoint(path: Path, fingerprint: str) -> Checkpoint | None:
         server_round=int(meta["server_round"]),
         arrays=ArrayRecord({k: Array(v) for k, v in arrays.items()}),
         strategy=meta["strategy"], strategy_arrays=strategy_arrays, monitor=meta["monitor"],
+        finished=bool(meta["finished"]),
     )

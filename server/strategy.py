@@ -11,7 +11,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from server.reply_checks import reject_reason
+from server.reply_checks import check_update
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,9 @@ class FedShiftStrategy(FedAvg):
         Called with each round's history entry once the round's evaluation is in.
     **fedavg_kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (sampling fractions and
-        minimum node counts).
+        minimum node counts). A round whose usable updates (replies that are not
+        errors and pass the checks) number fewer than ``min_train_nodes`` keeps the
+        global parameters.
     """
 
     def __init__(
@@ -139,16 +141,15 @@ class FedShiftStrategy(FedAvg):
             name = reply_site_name(msg)
             arrays = next(iter(msg.content.array_records.values()), None)
             metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
-            reason = ("no parameters in the reply" if arrays is None else reject_reason(
-                {k: a.numpy() for k, a in arrays.items()}, self._current,
-                metrics.get("num-examples"), self.max_update_norm))
+            check = check_update({k: a.numpy() for k, a in arrays.items()}, self._current,
+                                 metrics.get("num-examples"), self.max_update_norm
+                                 ) if arrays is not None else None
+            reason = "no parameters in the reply" if check is None else check.reason
             if reason is not None:
                 self._entry(server_round)["rejected"][name] = reason
                 logger.warning("round %d: rejected %s's update: %s", server_round, name, reason)
                 continue
-            norm = float(np.sqrt(sum(np.sum((a.numpy().astype(np.float64) - self._current[k]) ** 2)
-                                     for k, a in arrays.items())))
-            self._entry(server_round)["sites"].setdefault(name, {})["update_norm"] = norm
+            self._entry(server_round)["sites"].setdefault(name, {})["update_norm"] = check.norm
             kept.append(msg)
         return kept
 
@@ -179,8 +180,14 @@ class FedShiftStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self._record(server_round, "train", replies)
-        arrays, metrics = super().aggregate_train(server_round,
-                                                  self._accepted(server_round, replies))
+        accepted = self._accepted(server_round, replies)
+        usable = sum(not r.has_error() for r in accepted)
+        if usable < self.min_train_nodes:
+            logger.warning("round %d: %d usable update(s), min-sites is %d; keeping the global "
+                           "parameters", server_round, usable, self.min_train_nodes)
+            self._entry(server_round)["train"] = {}
+            return None, None
+        arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is not None and self.aggregator == "fedadam":
             arrays = self._adam_step(arrays)
         self._entry(server_round)["train"] = dict(metrics or {})

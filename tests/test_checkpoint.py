@@ -109,3 +109,22 @@ def test_a_checkpoint_from_other_settings_stops_the_run(cfg: FederationConfig) -
         run_federation(TrainingGrid(crash_at_round=2), cfg)
     with pytest.raises(CheckpointError, match="other settings"):
         run_federation(TrainingGrid(), cfg.replace(lr=0.1))
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_a_crash_after_the_last_round_finishes_the_records_without_training(
+        cfg: FederationConfig) -> None:
+    first = TrainingGrid()
+    run_federation(first, cfg)
+    state = Path(cfg.state_dir)
+    path = state / CHECKPOINT_FILE
+    saved = load_checkpoint(path, config_fingerprint(cfg.to_flower()))
+    assert saved is not None and saved.finished and saved.server_round == cfg.num_rounds
+    saved.finished = False  # as if the server died before writing its final records
+    save_checkpoint(path, saved)
+    (state / HISTORY_FILE).unlink()
+    second = TrainingGrid()
+    run_federation(second, cfg)
+    assert second.configs == []
+    history = json.loads((state / HISTORY_FILE).read_text())
+    assert history["run_key"] == saved.run_key and len(history["rounds"]) == cfg.num_rounds

@@ -37,7 +37,7 @@ def _refusal(node: int, reason: str) -> Message:
 
 
 def _strategy(**kwargs: object) -> FedShiftStrategy:
-    strategy = FedShiftStrategy(min_available_nodes=1, **kwargs)
+    strategy = FedShiftStrategy(min_available_nodes=1, min_train_nodes=1, **kwargs)
     strategy._current = {"w": np.zeros(3, dtype=np.float32)}
     return strategy
 
@@ -93,6 +93,17 @@ def test_a_round_with_only_rejected_updates_aggregates_nothing() -> None:
     arrays, _ = strategy.aggregate_train(1, [_reply(1, "a", 0.0, 10, w=bad)])
     assert arrays is None
     assert "NaN" in strategy.history[0]["rejected"]["a"]
+
+
+def test_fewer_usable_updates_than_min_train_nodes_aggregate_nothing() -> None:
+    strategy = _strategy()
+    strategy.min_train_nodes = 2
+    bad = np.array([np.nan, 0.0, 0.0], dtype=np.float32)
+    arrays, _ = strategy.aggregate_train(1, [
+        _reply(1, "a", 1.0, 10), _reply(2, "b", 0.0, 10, w=bad), _refusal(3, "over budget")])
+    assert arrays is None
+    assert set(strategy.history[0]["rejected"]) == {"b"}
+    assert strategy.history[0]["refused"] == {"node-3 (train)": "over budget"}
 
 
 def test_missing_sites_are_named_from_earlier_replies() -> None:
