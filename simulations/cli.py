@@ -63,6 +63,10 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--aggregator", default=DEFAULTS.aggregator, choices=AGGREGATORS)
     p.add_argument("--proximal-mu", type=float, default=DEFAULTS.proximal_mu)
     p.add_argument("--server-lr", type=float, default=DEFAULTS.server_lr)
+    p.add_argument("--max-update-norm", type=float, default=DEFAULTS.max_update_norm,
+                   help="reject site updates that move the parameters further than this "
+                        "(L2); 0 turns the bound off. Non-private runs with a large --lr "
+                        "exceed the default")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed)
     p.add_argument("--verbose", action="store_true", help="show Flower's log")
 
@@ -82,7 +86,8 @@ def _config(args: argparse.Namespace, state_dir: Path) -> FederationConfig:
         lr_decay=args.lr_decay,
         optimizer=args.optimizer, clip=args.clip, dp=not args.no_dp, epsilon=args.epsilon,
         delta=args.delta, aggregator=args.aggregator, proximal_mu=args.proximal_mu,
-        server_lr=args.server_lr, seed=args.seed, state_dir=str(state_dir),
+        server_lr=args.server_lr, max_update_norm=args.max_update_norm, seed=args.seed,
+        state_dir=str(state_dir),
         scenario=str(Path(args.scenario).resolve()) if args.scenario else "",
     )
 

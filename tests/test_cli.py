@@ -50,3 +50,8 @@ def test_earlier_run_in_out_is_not_overwritten_silently(
     assert main(["simulate", "--out", str(tmp_path)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "state" / "ledgers").is_dir()
+
+
+def test_negative_update_norm_bound(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--max-update-norm", "-1"]) == 2
+    assert "max-update-norm must be >= 0" in capsys.readouterr().err
