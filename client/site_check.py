@@ -98,9 +98,11 @@ def _data(config: SiteConfig) -> tuple[list[CheckResult], SiteImages | None]:
     else:
         results.append(CheckResult("skipped files", Verdict.OK, "none"))
     if POOL not in counts and config.releases.shift_summaries:
+        where = ("a MedMNIST file holds none" if config.data.format == "medmnist"
+                 else "the tree has no deploy/ folder")
         results.append(CheckResult("deployment pool", Verdict.WARNING,
-                                   "no deploy/ folder: label shift of the site's deployment "
-                                   "data cannot be estimated"))
+                                   f"no unlabelled deployment pool ({where}): label shift of "
+                                   "the site's deployment data cannot be estimated"))
     return results, site
 
 

@@ -53,6 +53,7 @@ def test_skipped_files_and_missing_pool_are_warnings(tmp_path: Path) -> None:
     assert "1 unreadable files skipped" in results["skipped files"].message
     assert "broken.png" in results["skipped files"].message
     assert results["deployment pool"].verdict is Verdict.WARNING
+    assert "no deploy/ folder" in results["deployment pool"].message
 
 
 def test_unreadable_data_fails(tmp_path: Path) -> None:
