@@ -39,7 +39,7 @@ from common.label_shift import (
     normalise,
 )
 from common.norm_moments import MomentLayout
-from server.strategy import reply_site_name
+from server.strategy import addressed_node, reply_site_name
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +113,12 @@ class ShiftMonitor:
             for node in self.grid.get_node_ids()
         ]
         answers = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        for reply in replies:
             if reply.has_error() or not reply.has_content():
                 reason = reply.error.reason if reply.has_error() else "empty reply"
-                who = f"node-{reply.metadata.src_node_id} ({kind}, round {server_round})"
+                who = f"node-{addressed_node(reply, sent_to)} ({kind}, round {server_round})"
                 self.refused[who] = reason
                 logger.warning("shift query %s refused: %s", kind, reason)
                 continue

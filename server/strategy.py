@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -11,11 +11,18 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from server.reply_checks import check_update
+from server.reply_checks import UpdateCheck, check_update
 
 logger = logging.getLogger(__name__)
 
 RoundCallback = Callable[[dict[str, Any]], None]
+
+
+def addressed_node(reply: Message, sent_to: Mapping[str, int]) -> int:
+    """The node a reply is about: the request's destination when ``sent_to`` (message id
+    to destination) knows it, since the SuperLink itself writes the error for a node
+    that stopped answering; else the reply's sender."""
+    return sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
 
 def reply_site_name(msg: Message) -> str:
@@ -102,18 +109,17 @@ class FedShiftStrategy(FedAvg):
         node is named after the node the request went to."""
         if msg.has_content():
             return reply_site_name(msg)
-        node = self._sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+        node = addressed_node(msg, self._sent_to)
         return self.site_names.get(node, f"node-{node}")
 
     def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
         entry = self._entry(server_round)
         for msg in replies:
             name = self._name(msg)
-            if not msg.has_error():
-                self.site_names[msg.metadata.src_node_id] = name
             if msg.has_error():
                 entry["refused"][f"{name} ({phase})"] = msg.error.reason
                 continue
+            self.site_names[msg.metadata.src_node_id] = name
             metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
             entry["sites"].setdefault(name, {})[phase] = dict(metrics)
 
@@ -122,7 +128,7 @@ class FedShiftStrategy(FedAvg):
         """Note the sites that were sent ``phase`` work but did not answer in time
         (or for which the SuperLink answered that the node is unavailable)."""
         sent = list(sent)
-        self._sent_to.update({m.metadata.message_id: m.metadata.dst_node_id for m in sent})
+        self._sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
         answered = {m.metadata.src_node_id for m in replies}
         missing = [self.site_names.get(m.metadata.dst_node_id, f"node-{m.metadata.dst_node_id}")
                    for m in sent if m.metadata.dst_node_id not in answered]
@@ -141,13 +147,15 @@ class FedShiftStrategy(FedAvg):
             name = reply_site_name(msg)
             arrays = next(iter(msg.content.array_records.values()), None)
             metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
-            check = check_update({k: a.numpy() for k, a in arrays.items()}, self._current,
-                                 metrics.get("num-examples"), self.max_update_norm
-                                 ) if arrays is not None else None
-            reason = "no parameters in the reply" if check is None else check.reason
-            if reason is not None:
-                self._entry(server_round)["rejected"][name] = reason
-                logger.warning("round %d: rejected %s's update: %s", server_round, name, reason)
+            if arrays is None:
+                check = UpdateCheck("no parameters in the reply")
+            else:
+                check = check_update({k: a.numpy() for k, a in arrays.items()}, self._current,
+                                     metrics.get("num-examples"), self.max_update_norm)
+            if check.reason is not None:
+                self._entry(server_round)["rejected"][name] = check.reason
+                logger.warning("round %d: rejected %s's update: %s", server_round, name,
+                               check.reason)
                 continue
             self._entry(server_round)["sites"].setdefault(name, {})["update_norm"] = check.norm
             kept.append(msg)
