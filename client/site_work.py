@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from flwr.app import ArrayRecord, ConfigRecord
 
@@ -73,10 +74,12 @@ def train_site(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord
     images, labels = site.data.images["train"], site.data.labels["train"]
     train_cfg = training_config(site, config)
     metrics: dict[str, float | int] = {"num-examples": len(labels)}
+    start = time.perf_counter()
     if site.ledger is None:
         model = site_model(site, arrays)
         outcome = train_locally(model, images, labels, train_cfg, None, site.device)
-        metrics.update({"train-loss": outcome.mean_loss, "steps": outcome.steps})
+        metrics.update({"train-loss": outcome.mean_loss, "steps": outcome.steps,
+                        "compute-seconds": time.perf_counter() - start})
         return trainable_arrays(model), metrics
     plan = noise_plan(site, len(labels), train_cfg)
     release = GaussianRelease(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
@@ -101,6 +104,7 @@ def train_site(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord
     site.ledger.record_allowed(site.run_key, round_, "training example count",
                                "example-weighted aggregation")
     metrics.update({
+        "compute-seconds": time.perf_counter() - start,
         "train-loss": outcome.mean_loss, "steps": site.ledger.steps_taken(site.run_key),
         "epsilon-spent": epsilon, "delta": site.ledger.delta,
         "noise-multiplier": plan.noise_multiplier, "sample-rate": plan.sample_rate,
@@ -111,11 +115,13 @@ def train_site(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord
 def evaluate_site(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord
                   ) -> dict[str, float | int]:
     """Metrics of the global model on the site's test split (a release the site allows)."""
+    start = time.perf_counter()
     model = site_model(site, arrays)
     labels = site.data.labels["test"].numpy()
     probs = predict_probs(model, site.data.images["test"], site.device)
     metrics: dict[str, float | int] = {"num-examples": len(labels)}
     metrics.update(classification_metrics(labels, probs))
+    metrics["compute-seconds"] = time.perf_counter() - start
     if site.ledger is not None:
         site.ledger.record_allowed(site.run_key, int(config.get("server-round", 0)),
                                    "test-set evaluation metrics", "allow-metrics")

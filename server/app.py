@@ -8,6 +8,7 @@ model only to know the initial trainable parameters: nothing but those travels.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -58,7 +59,9 @@ def _start(cfg: FederationConfig, strategy: FedShiftStrategy, initial: ArrayReco
 def _phase(grid: Grid, strategy: FedShiftStrategy, phase: str, server_round: int,
            messages: Iterable[Message], timeout: float) -> list[Message]:
     sent = list(messages)
+    start = time.perf_counter()
     replies = list(grid.send_and_receive(sent, timeout=timeout))
+    strategy.record_seconds(server_round, phase, time.perf_counter() - start)
     strategy.record_missing(server_round, phase, sent, replies)
     return replies
 

@@ -101,8 +101,13 @@ class FedShiftStrategy(FedAvg):
     def _entry(self, server_round: int) -> dict[str, Any]:
         if not self.history or self.history[-1]["round"] != server_round:
             self.history.append({"round": server_round, "train": {}, "evaluate": {},
-                                 "sites": {}, "refused": {}, "rejected": {}, "missing": {}})
+                                 "sites": {}, "refused": {}, "rejected": {}, "missing": {},
+                                 "seconds": {}})
         return self.history[-1]
+
+    def record_seconds(self, server_round: int, phase: str, seconds: float) -> None:
+        """Note the wall time the server spent waiting for ``phase``'s replies."""
+        self._entry(server_round)["seconds"][phase] = seconds
 
     def _name(self, msg: Message) -> str:
         """The site a reply is about; an error the SuperLink wrote for an unreachable
