@@ -37,7 +37,10 @@ class FederationConfig:
     Parameters
     ----------
     dataset : str (default: "pneumoniamnist")
-        MedMNIST flag of the data file ``<dataset>.npz``.
+        The simulated sites' data set: a MedMNIST flag (file ``<dataset>.npz``), a
+        path to an npz file in MedMNIST layout, ``fashion-mnist`` (Debian package
+        ``dataset-fashion-mnist``) or an ImageFolder tree (see
+        :func:`common.image_datasets.load_image_dataset`).
     data_dir : str (default: "")
         Directory holding the data file; empty: ``$FEDSHIFT_DATA_DIR``, then ``~/.medmnist``.
     image_size : int (default: 64)
@@ -52,6 +55,13 @@ class FederationConfig:
     prevalences : tuple[float, ...] (default: (0.4, 0.6, 0.75, 0.9))
         Per simulated site, the fraction of class 1 (pneumonia) in its splits; one
         value per site. Deployed sites hold their own data and ignore it.
+    label_skew : float (default: 0.0)
+        Dirichlet concentration alpha of each simulated site's class mix: site class
+        distribution q ~ Dirichlet(alpha · C · p) with p the data set's class frequencies
+        and C the number of classes (alpha = 1 with balanced classes is Dirichlet(1, ..., 1));
+        small alpha gives strongly skewed sites, large alpha near-identical ones. 0 (default):
+        binary tasks use ``prevalences``, tasks with more classes give every site the
+        data set's own class mix.
     backbone : str (default: "efficientnet_lite0")
         Backbone registry name.
     weights : str (default: "")
@@ -123,6 +133,12 @@ class FederationConfig:
     scenario : str (default: "")
         Simulation scenario file (TOML) with ground-truth shifts; empty: sites
         split by ``prevalences``. Only ``fedshift simulate`` reads it.
+    personal_bn : bool (default: False)
+        FedBN-style personalisation: every site keeps its own BatchNorm scale/shift
+        between rounds (on its disk, beside its ledger) and uses them for training
+        and evaluation, so only the head and input adapter are shared in effect.
+        Shift summaries compare one global model across sites, so they need
+        ``shift = false``.
     """
 
     dataset: str = "pneumoniamnist"
@@ -132,6 +148,7 @@ class FederationConfig:
     in_channels: int = 1
     num_sites: int = 4
     prevalences: tuple[float, ...] = (0.4, 0.6, 0.75, 0.9)
+    label_skew: float = 0.0
     backbone: str = "efficientnet_lite0"
     weights: str = ""
     mode: str = "bn+head"
@@ -158,6 +175,7 @@ class FederationConfig:
     moment_layers: int = 7
     moment_clip: float = 0.3
     scenario: str = ""
+    personal_bn: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -176,6 +194,9 @@ class FederationConfig:
             (self.num_sites >= 1, f"num-sites must be >= 1, got {self.num_sites}"),
             (all(0 <= p <= 1 for p in self.prevalences),
              f"prevalences must lie in [0, 1], got {list(self.prevalences)}"),
+            (self.label_skew >= 0 and math.isfinite(self.label_skew),
+             f"label-skew must be a finite number >= 0 (0: no Dirichlet skew), "
+             f"got {self.label_skew}"),
             (self.num_rounds >= 1, f"num-rounds must be >= 1, got {self.num_rounds}"),
             (self.local_epochs >= 1, f"local-epochs must be >= 1, got {self.local_epochs}"),
             (self.batch_size >= 1, f"batch-size must be >= 1, got {self.batch_size}"),
@@ -206,6 +227,17 @@ class FederationConfig:
              f"transfer mode {self.mode!r} keeps BatchNorm, which DP-SGD cannot train "
              "(a sample's output would depend on its batch); it is a non-private reference: "
              "turn DP off (--no-dp) or choose bn+head, bn, head or partial:K"),
+        ]
+        checks += [
+            (not (self.shift and self.dp and not mode.keeps_frozen_norms),
+             f"shift summaries read the pretrained BatchNorm statistics, which transfer mode "
+             f"{self.mode!r} replaces; turn shift off (shift = false, --no-shift)"),
+            (not (self.shift and self.dp and self.personal_bn),
+             "shift summaries compare one global model across sites, but personal-bn gives "
+             "every site its own scale/shift; turn shift off (shift = false, --no-shift)"),
+            (not (self.personal_bn and not mode.trains_affine),
+             f"personal-bn keeps each site's BatchNorm scale/shift, which transfer mode "
+             f"{self.mode!r} does not train; use bn+head"),
         ]
         for ok, message in checks:
             if not ok:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,38 +98,44 @@ def _hash_rank(seed: int, relative: Path) -> bytes:
     return hashlib.blake2b(f"{seed}:{relative.as_posix()}".encode(), digest_size=8).digest()
 
 
-def _split_counts(n: int) -> dict[str, int]:
-    val = int(n * SPLIT_FRACTIONS["val"] + 0.5)
-    test = int(n * SPLIT_FRACTIONS["test"] + 0.5)
+def _split_counts(n: int, fractions: Mapping[str, float] = SPLIT_FRACTIONS) -> dict[str, int]:
+    val = int(n * fractions["val"] + 0.5)
+    test = int(n * fractions["test"] + 0.5)
     return {"train": n - val - test, "val": val, "test": test}
 
 
-def _auto_split(root: Path, classes: dict[str, Path], seed: int) -> Listing:
+def _percentages(fractions: Mapping[str, float]) -> str:
+    return "/".join(f"{100 * fractions[s]:g}" for s in SPLITS)
+
+
+def _auto_split(root: Path, classes: dict[str, Path], seed: int,
+                fractions: Mapping[str, float] = SPLIT_FRACTIONS) -> Listing:
     """Split every class's files into train/val/test by seeded hash order."""
     out: Listing = {s: [] for s in SPLITS}
     for label, folder in enumerate(classes.values()):
         files = sorted(_files_below(folder), key=lambda p: _hash_rank(seed, p.relative_to(root)))
         start = 0
-        for split, count in _split_counts(len(files)).items():
+        for split, count in _split_counts(len(files), fractions).items():
             out[split].extend((p, label) for p in files[start:start + count])
             start += count
     return out
 
 
-def _listed_splits(root: Path, seed: int) -> tuple[tuple[str, ...], Listing]:
+def _listed_splits(root: Path, seed: int, fractions: Mapping[str, float] = SPLIT_FRACTIONS
+                   ) -> tuple[tuple[str, ...], Listing]:
     """Class names and ``(file, label)`` per split, for either layout."""
     present = [s for s in SPLITS if (root / s).is_dir()]
     if not present:
         classes = _class_folders(root)
         if not classes:
             raise DataFileError(f"{root} has no class folders; {LAYOUT_HELP}")
-        return tuple(classes), _auto_split(root, classes, seed)
+        return tuple(classes), _auto_split(root, classes, seed, fractions)
     missing = [s for s in SPLITS if s not in present]
     if missing:
         raise DataFileError(
             f"{root} has the split folders {', '.join(present)} but lacks "
             f"{', '.join(missing)}; give all of train, val and test, or none (then fedshift "
-            "splits <root>/<class>/ folders 70/15/15)"
+            f"splits <root>/<class>/ folders {_percentages(fractions)})"
         )
     per_split = {s: _class_folders(root / s) for s in SPLITS}
     names = tuple(per_split["train"])
@@ -147,6 +154,33 @@ def _listed_splits(root: Path, seed: int) -> tuple[tuple[str, ...], Listing]:
         for s in SPLITS
     }
     return names, listed
+
+
+def list_labelled_files(root: Path, split_seed: int = 0,
+                        fractions: Mapping[str, float] = SPLIT_FRACTIONS,
+                        ) -> tuple[tuple[str, ...], Listing]:
+    """The class names and the labelled ``(file, label)`` pairs per split, reading no image.
+
+    Parameters
+    ----------
+    root : Path
+        The tree's root folder (either layout of the module docstring); a ``deploy``
+        folder is not listed.
+    split_seed : int (default: 0)
+        Seed of the split of a tree without split folders.
+    fractions : Mapping[str, float] (default: SPLIT_FRACTIONS, 70/15/15)
+        Fractions of ``"val"`` and ``"test"`` (train takes the rest) in that split;
+        every class is split on its own, by seeded hash order of its files.
+
+    Raises
+    ------
+    DataFileError
+        When ``root`` is not a folder or its layout is not one of the two.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataFileError(f"{root} is not a folder; {LAYOUT_HELP}")
+    return _listed_splits(root, split_seed, fractions)
 
 
 def load_image_tree(root: Path, read: ImageReader, channels: int, size: int,

@@ -1,0 +1,433 @@
+"""One entry point for the labelled image data sets a simulation can split across sites.
+
+:func:`load_image_dataset` chooses the kind of data set from its name:
+
+``fashion-mnist``
+    Fashion-MNIST from its four idx files (``{train,t10k}-{images-idx3,labels-idx1}-ubyte``,
+    gzip-compressed or not), as the Debian package ``dataset-fashion-mnist`` installs
+    them. Looked for in ``data_dir`` (or ``data_dir/fashion-mnist``), then
+    ``$FEDSHIFT_DATA_DIR/fashion-mnist``, then ``/usr/share/datasets/fashion-mnist``.
+    It has a train and a test split only: a seeded, class-stratified 10 % of train
+    becomes the validation split.
+a path ending in ``.npz``
+    A file in MedMNIST layout (``train_images``, ``train_labels``, ``val_...``,
+    ``test_...``). A relative path that does not exist from the working directory
+    is looked up in ``data_dir``.
+a folder
+    An ImageFolder tree of pictures: ``DIR/<class>/<images>`` (every class split
+    80/10/10 into train/val/test, deterministically in the seed) or
+    ``DIR/{train,val,test}/<class>/<images>``. Class ``i`` is the ``i``-th sorted
+    class folder name; a ``deploy`` folder is ignored. Files that cannot be decoded
+    are skipped (and logged). Every image is resized (bilinear) to the most common
+    height and width among the images read (ties: the one met first). The data set
+    is colour, ``(N, H, W, 3)``, when at least one image has differing RGB
+    channels, else grey, ``(N, H, W)``; grey images of a colour set get the grey
+    value in all three channels. All images are held in memory while they are read.
+any other name
+    A MedMNIST flag (``pneumoniamnist``, ``bloodmnist``, ...): ``<flag>.npz`` is looked
+    up (and downloaded when missing) by :func:`common.medmnist_files.find_medmnist_file`.
+
+A name counts as a path when it ends in ``.npz``, contains a path separator, starts
+with ``~`` or ``.``, or names an existing folder and is not a MedMNIST flag.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from common.image_files import UnreadableImage, match_channels, read_picture
+from common.image_folder import list_labelled_files
+from common.medmnist_files import (
+    DATA_DIR_ENV,
+    SPLITS,
+    DataFileError,
+    ImageSplits,
+    find_medmnist_file,
+    load_medmnist,
+)
+
+logger = logging.getLogger(__name__)
+
+FASHION_MNIST = "fashion-mnist"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                         "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+SYSTEM_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_VAL_FRACTION = 0.1
+FOLDER_SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
+IDX_IMAGES_MAGIC = 2051  # unsigned bytes, 3 dimensions
+IDX_LABELS_MAGIC = 2049  # unsigned bytes, 1 dimension
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _medmnist_flags() -> set[str]:
+    try:
+        from medmnist.info import INFO
+    except ImportError:
+        return set()
+    return set(INFO)
+
+
+def read_idx(path: Path, expected_magic: int | None = None) -> np.ndarray:
+    """Read an idx file of unsigned bytes (MNIST's format), gzip-compressed or plain.
+
+    Parameters
+    ----------
+    path : Path
+        The file.
+    expected_magic : int | None (default: None)
+        :data:`IDX_IMAGES_MAGIC` (2051, ``(N, H, W)`` images) or :data:`IDX_LABELS_MAGIC`
+        (2049, ``(N,)`` labels); None accepts either.
+
+    Returns
+    -------
+    np.ndarray
+        uint8 array with the dimensions the header gives.
+
+    Raises
+    ------
+    DataFileError
+        When the file cannot be read or decompressed, its magic number is not the
+        expected one, or its size does not match the dimensions in its header.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            compressed = fh.read(2) == _GZIP_MAGIC
+        opener = gzip.open if compressed else open
+        with opener(path, "rb") as fh:
+            data = bytearray(fh.read())
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataFileError(f"cannot read the idx file {path} ({exc}); download it again") \
+            from exc
+    allowed = (expected_magic,) if expected_magic else (IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC)
+    magic = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
+    if magic not in allowed:
+        wanted = " or ".join(str(m) for m in allowed)
+        raise DataFileError(
+            f"{path} has the magic number {magic}, expected {wanted} (an idx file of "
+            f"unsigned-byte {'images' if allowed == (IDX_IMAGES_MAGIC,) else 'data'}); "
+            "is it the right file, and complete?"
+        )
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataFileError(f"{path} is truncated inside its header; download it again")
+    dims = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(dims))
+    if len(data) - header != expected:
+        raise DataFileError(
+            f"{path} holds {len(data) - header} data bytes but its header announces "
+            f"dimensions {dims} ({expected} bytes); the file is damaged or truncated, "
+            "download it again"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into kept and held-out ones, ``fraction`` of every class held out.
+
+    Parameters
+    ----------
+    labels : np.ndarray
+        (N,) integer labels.
+    fraction : float
+        Share of each class held out (rounded half up per class).
+    seed : int
+        Seed of the choice; the same seed gives the same split.
+
+    Returns
+    -------
+    tuple[np.ndarray, np.ndarray]
+        The kept and the held-out indices, each sorted ascending; together all of
+        ``range(N)``, disjoint.
+    """
+    rng = np.random.default_rng(seed)
+    held = [np.empty(0, dtype=np.int64)]
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        count = int(np.floor(fraction * len(members) + 0.5))
+        held.append(rng.permutation(members)[:count])
+    held_out = np.sort(np.concatenate(held))
+    keep = np.ones(len(labels), dtype=bool)
+    keep[held_out] = False
+    return np.flatnonzero(keep), held_out
+
+
+def _idx_file(directory: Path, stem: str) -> Path | None:
+    for name in (f"{stem}.gz", stem):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def find_fashion_mnist_dir(data_dir: str | Path | None = None) -> Path:
+    """The first directory that holds all four Fashion-MNIST idx files.
+
+    Parameters
+    ----------
+    data_dir : str | Path | None (default: None)
+        Searched first, then its ``fashion-mnist`` subfolder; then
+        ``$FEDSHIFT_DATA_DIR/fashion-mnist`` and ``/usr/share/datasets/fashion-mnist``.
+
+    Raises
+    ------
+    DataFileError
+        When none holds them; the message says how to install them.
+    """
+    dirs = []
+    if data_dir:
+        dirs += [Path(data_dir).expanduser(), Path(data_dir).expanduser() / FASHION_MNIST]
+    if os.environ.get(DATA_DIR_ENV):
+        dirs.append(Path(os.environ[DATA_DIR_ENV]).expanduser() / FASHION_MNIST)
+    dirs.append(SYSTEM_FASHION_MNIST_DIR)
+    for directory in dirs:
+        if all(_idx_file(directory, stem) for stem in FASHION_MNIST_FILES.values()):
+            return directory
+    names = ", ".join(f"{stem}.gz" for stem in FASHION_MNIST_FILES.values())
+    raise DataFileError(
+        f"Fashion-MNIST not found (searched {', '.join(str(d) for d in dirs)}). Install it "
+        f"with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put {names} in "
+        f"one directory and pass it as --data-dir or set ${DATA_DIR_ENV} to its parent "
+        f"(the files then lie in ${DATA_DIR_ENV}/{FASHION_MNIST})"
+    )
+
+
+def load_fashion_mnist(data_dir: str | Path | None = None, seed: int = 0) -> ImageSplits:
+    """Fashion-MNIST as grey ``(N, 28, 28)`` images in 10 classes.
+
+    Parameters
+    ----------
+    data_dir : str | Path | None (default: None)
+        Where to look first, see :func:`find_fashion_mnist_dir`.
+    seed : int (default: 0)
+        Seed of the validation split: a class-stratified 10 % of the train file.
+
+    Raises
+    ------
+    DataFileError
+        When the files are missing or damaged, or images and labels disagree.
+    """
+    directory = find_fashion_mnist_dir(data_dir)
+    arrays = {}
+    for key, stem in FASHION_MNIST_FILES.items():
+        magic = IDX_IMAGES_MAGIC if key.endswith("images") else IDX_LABELS_MAGIC
+        path = _idx_file(directory, stem)
+        if path is None:  # removed since the lookup
+            raise DataFileError(f"{directory / stem}.gz disappeared while being read")
+        arrays[key] = read_idx(path, magic)
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if len(images) != len(labels):
+            raise DataFileError(
+                f"{directory}: the {split} files hold {len(images)} images but "
+                f"{len(labels)} labels; one of them is from another data set or damaged"
+            )
+        if len(labels) and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
+            raise DataFileError(
+                f"{directory}: {split} labels go up to {int(labels.max())}, but "
+                f"Fashion-MNIST has {len(FASHION_MNIST_CLASSES)} classes; wrong files?"
+            )
+    train_labels = arrays["train_labels"].astype(np.int64)
+    kept, held = stratified_holdout(train_labels, FASHION_MNIST_VAL_FRACTION, seed)
+    logger.info("Fashion-MNIST from %s: classes %s; %d of %d training images held out for "
+                "validation (seed %d)", directory, dict(enumerate(FASHION_MNIST_CLASSES)),
+                len(held), len(train_labels), seed)
+    return ImageSplits(
+        images={"train": arrays["train_images"][kept], "val": arrays["train_images"][held],
+                "test": arrays["test_images"]},
+        labels={"train": train_labels[kept], "val": train_labels[held],
+                "test": arrays["test_labels"].astype(np.int64)},
+        num_classes=len(FASHION_MNIST_CLASSES), source=directory,
+    )
+
+
+def _is_colour(pixels: np.ndarray) -> bool:
+    return pixels.ndim == 3 and not (
+        np.array_equal(pixels[..., 0], pixels[..., 1])
+        and np.array_equal(pixels[..., 1], pixels[..., 2])
+    )
+
+
+def _resized(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    if pixels.shape[:2] == (height, width):
+        return pixels
+    return np.asarray(
+        Image.fromarray(pixels).resize((width, height), Image.Resampling.BILINEAR)
+    )
+
+
+def load_image_folder(root: str | Path, seed: int = 0) -> ImageSplits:
+    """Read an ImageFolder tree of pictures (layouts and conventions: module docstring).
+
+    Parameters
+    ----------
+    root : str | Path
+        The tree's root folder.
+    seed : int (default: 0)
+        Seed of the 80/10/10 split of a tree without split folders (every class
+        split on its own, by seeded hash order of the file paths).
+
+    Raises
+    ------
+    DataFileError
+        When the layout is not understood or no image can be read.
+    """
+    root = Path(root).expanduser()
+    class_names, listed = list_labelled_files(root, seed, FOLDER_SPLIT_FRACTIONS)
+    raw: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    kept: dict[str, list[int]] = {s: [] for s in SPLITS}
+    skipped: list[tuple[Path, str]] = []
+    for split in SPLITS:
+        for path, label in listed[split]:
+            try:
+                pixels = read_picture(path)
+            except UnreadableImage as exc:
+                skipped.append((path, str(exc)))
+                continue
+            except Exception as exc:  # decoders of arbitrary files raise anything
+                skipped.append((path, f"{type(exc).__name__}: {exc}"))
+                continue
+            raw[split].append(pixels)
+            kept[split].append(label)
+    if skipped:
+        logger.warning("%s: skipped %d unreadable files, e.g. %s: %s", root, len(skipped),
+                       *skipped[0])
+    everything = [p for s in SPLITS for p in raw[s]]
+    if not everything:
+        reasons = "; ".join(f"{p}: {why}" for p, why in skipped[:3])
+        raise DataFileError(
+            f"no image in {root} could be read ({len(skipped)} files skipped"
+            f"{': ' + reasons if reasons else ''}); expected <root>/<class>/<images> or "
+            "<root>/train|val|test/<class>/<images> with pictures (PNG, JPEG, ...)"
+        )
+    sizes = Counter(p.shape[:2] for p in everything)
+    (height, width), _ = sizes.most_common(1)[0]
+    channels = 3 if any(_is_colour(p) for p in everything) else 1
+    logger.info("%s: %d images, classes %s; %s, resized to %dx%d (most common of %d sizes)",
+                root, len(everything), dict(enumerate(class_names)),
+                "colour" if channels == 3 else "grey", height, width, len(sizes))
+    shape = (height, width) if channels == 1 else (height, width, 3)
+    images = {
+        s: np.stack([_resized(match_channels(p, channels), height, width) for p in raw[s]])
+        if raw[s] else np.empty((0, *shape), dtype=np.uint8)
+        for s in SPLITS
+    }
+    labels = {s: np.asarray(kept[s], dtype=np.int64) for s in SPLITS}
+    return ImageSplits(images=images, labels=labels, num_classes=len(class_names), source=root)
+
+
+def _load_npz(path: Path, data_dir: str | Path | None) -> ImageSplits:
+    if not path.is_file() and not path.is_absolute() and data_dir:
+        beside = Path(data_dir).expanduser() / path
+        if beside.is_file():
+            path = beside
+    if not path.is_file():
+        where = f" (nor in {data_dir})" if data_dir and not path.is_absolute() else ""
+        raise DataFileError(
+            f"{path} does not exist{where}; give the path of a .npz file in MedMNIST "
+            "layout (train_images, train_labels, val_images, val_labels, test_images, "
+            "test_labels)"
+        )
+    return load_medmnist(path)
+
+
+def _is_path(name: str, flags: set[str]) -> bool:
+    if name.lower().endswith(".npz") or name.startswith(("~", ".")):
+        return True
+    if os.sep in name or "/" in name or (os.altsep and os.altsep in name):
+        return True
+    return name not in flags and Path(name).is_dir()
+
+
+def load_image_dataset(name: str, data_dir: str | None = None, seed: int = 0) -> ImageSplits:
+    """Load the labelled train/val/test images of the data set ``name``.
+
+    Parameters
+    ----------
+    name : str
+        ``fashion-mnist``, a path to a MedMNIST-layout ``.npz`` file, an ImageFolder
+        directory, or a MedMNIST flag (see the module docstring for how the kind is
+        chosen and where files are looked up).
+    data_dir : str | None (default: None)
+        Directory searched first for MedMNIST and Fashion-MNIST files, and for a
+        relative ``.npz`` path not found from the working directory.
+    seed : int (default: 0)
+        Seed of the validation split of Fashion-MNIST and of the 80/10/10 split of a
+        folder without split folders; MedMNIST files keep their own splits.
+
+    Returns
+    -------
+    ImageSplits
+        uint8 ``(N, H, W)`` or ``(N, H, W, 3)`` images and int64 labels per split;
+        ``source`` is the file or directory read.
+
+    Raises
+    ------
+    DataFileError
+        When the data cannot be found or read; the message says what to do.
+    """
+    name = name.strip()
+    if not name:
+        raise DataFileError(
+            "no data set named; give a MedMNIST flag (e.g. pneumoniamnist), fashion-mnist, "
+            "the path of a MedMNIST-layout .npz file or of an image folder"
+        )
+    if name.lower().replace("_", "-") == FASHION_MNIST:
+        return load_fashion_mnist(data_dir, seed)
+    flags = _medmnist_flags()
+    if _is_path(name, flags):
+        path = Path(name).expanduser()
+        if path.is_dir():
+            return load_image_folder(path, seed)
+        if path.suffix.lower() == ".npz":
+            return _load_npz(path, data_dir)
+        raise DataFileError(
+            f"{path} is neither an image folder nor a .npz file; give an existing folder "
+            "(<dir>/<class>/<images> or <dir>/train|val|test/<class>/<images>) or a "
+            "MedMNIST-layout .npz file"
+        )
+    try:
+        path = find_medmnist_file(name, data_dir)
+    except DataFileError as exc:
+        if name in flags:
+            raise
+        raise DataFileError(
+            f"{exc}. Other kinds of data set: {FASHION_MNIST}, the path of a MedMNIST-layout "
+            ".npz file, or an image folder (<dir>/<class>/<images> or "
+            "<dir>/train|val|test/<class>/<images>)"
+        ) from exc
+    return load_medmnist(path)
+
+
+def dataset_channels(splits: ImageSplits) -> int:
+    """Channels of the images of ``splits``: 1 (grey) or 3 (colour).
+
+    Raises
+    ------
+    DataFileError
+        When the splits disagree (grey in one, colour in another).
+    """
+    per_split = {s: 3 if x.ndim == 4 and x.shape[-1] == 3 else 1
+                 for s, x in splits.images.items()}
+    channels = set(per_split.values())
+    if len(channels) != 1:
+        raise DataFileError(
+            f"{splits.source}: the splits mix grey and colour images ({per_split} channels); "
+            "store every split with the same channels"
+        )
+    return channels.pop()
