@@ -2,7 +2,8 @@
 
 :func:`build_model` takes a pretrained backbone from :mod:`common.backbones`,
 replaces every BatchNorm by frozen normalisation + trainable affine
-(:mod:`common.frozen_batchnorm`), puts a new head for the task's classes on it,
+(:mod:`common.frozen_batchnorm`; or, for ``full-gn``, by GroupNorm as Opacus's
+``ModuleValidator.fix`` does), puts a new head for the task's classes on it,
 puts a learnable 1x1 input adapter in front, and marks the parameters of the
 chosen transfer mode as the only trainable ones.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +107,30 @@ def replace_same_padding_convs(model: nn.Module) -> None:
             replace_same_padding_convs(child)
 
 
+def replace_batchnorm_with_groupnorm(model: nn.Module) -> int:
+    """Replace every BatchNorm in ``model`` (in place) by a fresh GroupNorm.
+
+    Opacus's usual recipe for DP training of a whole network
+    (``ModuleValidator.fix``): ``gcd(32, C)`` groups, weight 1 and bias 0, the
+    pretrained statistics and affine dropped. That fixer skips timm's
+    ``BatchNormAct2d``, so this does it here and keeps the layer's dropout and
+    activation (not in place) after the GroupNorm. Returns the number replaced.
+    """
+    count = 0
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            channels = child.num_features
+            layers: list[nn.Module] = [nn.GroupNorm(math.gcd(32, channels), channels,
+                                                    eps=child.eps)]
+            layers += [m for m in (getattr(child, "drop", None), getattr(child, "act", None))
+                       if m is not None and not isinstance(m, nn.Identity)]
+            setattr(model, name, layers[0] if len(layers) == 1 else nn.Sequential(*layers))
+            count += 1
+        else:
+            count += replace_batchnorm_with_groupnorm(child)
+    return count
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What model to build.
@@ -178,7 +204,9 @@ def build_model(spec: ModelSpec) -> FedShiftModel:
     backbone = copy.deepcopy(_pretrained(spec.backbone, spec.weights))
     _set_head(backbone, info.head_name, spec.num_classes)
     model = FedShiftModel(backbone, spec, info)
-    if model.mode.kind != "full":
+    if model.mode.kind == "full-gn":
+        replace_batchnorm_with_groupnorm(model.backbone)
+    elif model.mode.kind != "full":
         replace_batchnorm(model.backbone)
     replace_same_padding_convs(model.backbone)
     for module in model.modules():
@@ -200,8 +228,8 @@ def apply_transfer_mode(model: FedShiftModel) -> None:
             f"partial:{mode.stages} asks for more stages than the backbone has "
             f"({len(model.stage_names)})"
         )
-    model.requires_grad_(mode.kind == "full")
-    if mode.kind == "full":
+    model.requires_grad_(mode.trains_everything)
+    if mode.trains_everything:
         return
     head = model.get_submodule(model.head_name)
     if mode.trains_head:

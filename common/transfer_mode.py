@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MODES_HELP = "bn+head (default), head, bn, partial:K (K >= 1), full"
+MODES_HELP = "bn+head (default), head, bn, partial:K (K >= 1), full, full-gn"
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,9 @@ class TransferMode:
         ``bn+head`` (BatchNorm scale/shift, input adapter and head), ``head``
         (linear probe), ``bn`` (scale/shift and adapter; the head stays at its
         seeded initialisation), ``partial`` (``bn+head`` plus every parameter of
-        the last ``stages`` stages) or ``full`` (everything; non-private only).
+        the last ``stages`` stages), ``full`` (everything, BatchNorm kept; non-private
+        only) or ``full-gn`` (everything, after Opacus's usual recipe for DP: every
+        BatchNorm replaced by a freshly initialised GroupNorm).
     stages : int
         Number of trailing stages trained in full (``partial`` only; else 0).
     """
@@ -27,9 +29,9 @@ class TransferMode:
 
     @classmethod
     def parse(cls, text: str) -> TransferMode:
-        """Parse ``bn+head``, ``head``, ``bn``, ``partial:K`` or ``full``."""
+        """Parse ``bn+head``, ``head``, ``bn``, ``partial:K``, ``full`` or ``full-gn``."""
         value = text.strip().lower()
-        if value in ("bn+head", "head", "bn", "full"):
+        if value in ("bn+head", "head", "bn", "full", "full-gn"):
             return cls(value)
         if value.startswith("partial:"):
             count = value.split(":", 1)[1]
@@ -40,11 +42,20 @@ class TransferMode:
 
     @property
     def trains_head(self) -> bool:
-        return self.kind in ("bn+head", "head", "partial", "full")
+        return self.kind in ("bn+head", "head", "partial", "full", "full-gn")
 
     @property
     def trains_affine(self) -> bool:
-        return self.kind in ("bn+head", "bn", "partial", "full")
+        return self.kind in ("bn+head", "bn", "partial", "full", "full-gn")
+
+    @property
+    def trains_everything(self) -> bool:
+        return self.kind in ("full", "full-gn")
+
+    @property
+    def keeps_frozen_norms(self) -> bool:
+        """Whether the pretrained BatchNorm statistics stay (as frozen normalisation)."""
+        return not self.trains_everything
 
     @property
     def allows_dp(self) -> bool:

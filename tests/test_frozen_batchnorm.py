@@ -75,7 +75,7 @@ def _per_sample_autograd(model: nn.Module, x: torch.Tensor, y: torch.Tensor
     return {n: torch.stack(g) for n, g in grads.items()}
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "lite0", "lite0-partial:2"])
+@pytest.mark.parametrize("arch", ["resnet18", "lite0", "lite0-partial:2", "lite0-full-gn"])
 def test_per_sample_gradients_equal_autograd(arch: str) -> None:
     torch.manual_seed(1)
     if arch == "resnet18":
@@ -105,7 +105,10 @@ def test_per_sample_gradients_equal_autograd(arch: str) -> None:
     x = x.double()
     y = torch.randint(0, 3, (len(x),))
     expected = _per_sample_autograd(model, x, y)
-    gsm = GradSampleModule(copy.deepcopy(model), loss_reduction="sum")
+    # full-gn trains every layer; local training computes its per-sample
+    # gradients with functorch, the rest with Opacus's registered hooks.
+    gsm = GradSampleModule(copy.deepcopy(model), loss_reduction="sum",
+                           force_functorch=arch.endswith("full-gn"))
     nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
     checked = 0
     for name, p in gsm.named_parameters():

@@ -25,6 +25,20 @@ def test_bn_head_trains_affines_adapter_and_head_only() -> None:
     assert len(_affine_names(model)) == 2 * 49
 
 
+def test_full_gn_swaps_every_batchnorm_for_groupnorm_and_trains_everything() -> None:
+    model = build_model(ModelSpec(mode="full-gn"))
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm | ChannelAffine)
+                   for m in model.modules())
+    groups = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(groups) == 49
+    assert all(g.num_channels % g.num_groups == 0 and g.num_groups <= 32 for g in groups)
+    assert all(p.requires_grad for p in model.parameters())
+    assert model(torch.rand(2, 1, 32, 32)).shape == (2, 2)
+    FederationConfig(mode="full-gn", shift=False)
+    with pytest.raises(ConfigError, match="shift"):
+        FederationConfig(mode="full-gn")
+
+
 def test_head_mode_is_a_linear_probe() -> None:
     model = build_model(ModelSpec(mode="head"))
     assert model.trainable_names() == ["backbone.classifier.weight", "backbone.classifier.bias"]
