@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord
 
@@ -13,6 +14,7 @@ from client.local_training import (
     steps_per_round,
     train_locally,
 )
+from client.personal_params import apply_personal, personal_path, save_personal
 from client.privacy_ledger import BudgetExceeded, NoisePlan
 from client.site_runtime import SiteRuntime
 from common.classification_metrics import classification_metrics
@@ -26,10 +28,25 @@ from common.trainable_arrays import load_trainable_arrays, trainable_arrays
 logger = logging.getLogger(__name__)
 
 
+def _personal_path(site: SiteRuntime) -> Path:
+    site_dir = site.ledger.path.parent if site.ledger is not None else Path(site.cfg.state_dir)
+    return personal_path(site_dir, site.name, site.run_key)
+
+
 def site_model(site: SiteRuntime, arrays: ArrayRecord) -> FedShiftModel:
+    """The global model as this site uses it: with its own scale/shift under personal-bn."""
     model = build_model(site.cfg.model_spec())
     load_trainable_arrays(model, arrays)
+    if site.cfg.personal_bn:
+        apply_personal(model, _personal_path(site))
     return model
+
+
+def _trained(site: SiteRuntime, model: FedShiftModel) -> ArrayRecord:
+    """What the site sends; under personal-bn it first keeps its scale/shift."""
+    if site.cfg.personal_bn:
+        save_personal(model, _personal_path(site))
+    return trainable_arrays(model)
 
 
 def training_config(site: SiteRuntime, config: ConfigRecord) -> LocalTrainingConfig:
@@ -80,7 +97,7 @@ def train_site(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord
         outcome = train_locally(model, images, labels, train_cfg, None, site.device)
         metrics.update({"train-loss": outcome.mean_loss, "steps": outcome.steps,
                         "compute-seconds": time.perf_counter() - start})
-        return trainable_arrays(model), metrics
+        return _trained(site, model), metrics
     plan = noise_plan(site, len(labels), train_cfg)
     release = GaussianRelease(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
     what = f"DP-SGD round {round_}"
@@ -109,7 +126,7 @@ def train_site(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord
         "epsilon-spent": epsilon, "delta": site.ledger.delta,
         "noise-multiplier": plan.noise_multiplier, "sample-rate": plan.sample_rate,
     })
-    return trainable_arrays(model), metrics
+    return _trained(site, model), metrics
 
 
 def evaluate_site(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from client.app import (
     ERROR_BAD_REQUEST,
@@ -15,6 +16,7 @@ from client.app import (
     make_client_app,
 )
 from client.local_training import LocalTrainingConfig, steps_per_round
+from client.personal_params import personal_names
 from client.privacy_ledger import PrivacyLedger
 from common.federated_data import load_federation
 from common.federation_config import FederationConfig
@@ -172,3 +174,31 @@ def test_a_site_whose_data_cannot_be_read_says_so_and_spends_nothing(
     assert reply.error.code == ERROR_SITE_DATA
     assert str(root) in reply.error.reason and "st-test" in reply.error.reason
     assert not ledger.exists()
+
+
+def test_a_personal_bn_site_keeps_its_own_scale_shift_and_evaluates_with_them(
+    cfg: FederationConfig,
+) -> None:
+    cfg = cfg.replace(personal_bn=True, shift=False, num_rounds=2)
+    model = build_model(cfg.model_spec())
+    initial = trainable_arrays(model)
+    first = _send(cfg, MessageType.TRAIN, initial, 1, **{"run-key": "r1"})
+    assert not first.has_error(), first.error.reason if first.has_error() else ""
+    [saved] = (Path(cfg.state_dir) / "ledgers" / "personal").glob("site-1-r1.npz")
+    with np.load(saved) as kept:
+        names = set(kept.files)
+        trained = {k: kept[k] for k in kept.files}
+    assert names == set(personal_names(model)) and len(names) == 98
+    # The server's next arrays carry other scale/shift values (the average); the
+    # site evaluates with its own, so scrambling the global ones changes nothing.
+    sent = first.content["arrays"]
+    scrambled = ArrayRecord({k: Array(np.full_like(v.numpy(), 7.0) if k in names else v.numpy())
+                             for k, v in sent.items()})
+    own = _send(cfg, MessageType.EVALUATE, sent, 1, **{"run-key": "r1"})
+    other = _send(cfg, MessageType.EVALUATE, scrambled, 1, **{"run-key": "r1"})
+    assert own.content["metrics"]["loss"] == pytest.approx(other.content["metrics"]["loss"])
+    for key, value in trained.items():
+        np.testing.assert_array_equal(value, sent[key].numpy())
+    # Another run starts from the global scale/shift.
+    fresh = _send(cfg, MessageType.EVALUATE, scrambled, 1, **{"run-key": "r2"})
+    assert fresh.content["metrics"]["loss"] != pytest.approx(own.content["metrics"]["loss"])
