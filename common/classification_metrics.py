@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, log_loss, roc_auc_score
+
+
+def _balanced_accuracy(labels: np.ndarray, preds: np.ndarray) -> float:
+    """Mean recall over the classes present in ``labels`` (predicting an absent class
+    is an error like any other, not a reason to warn)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(balanced_accuracy_score(labels, preds))
 
 
 def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
     """Accuracy, balanced accuracy, AUROC and log loss of ``probs`` (N, C) for ``labels`` (N,).
 
-    AUROC is one-vs-rest macro for more than two classes, and NaN when the labels
-    hold a single class.
+    AUROC is one-vs-rest macro for more than two classes, over the classes present
+    in ``labels`` (a label-skewed site may lack some), and NaN when the labels hold
+    a single class.
     """
     labels = np.asarray(labels)
     probs = np.asarray(probs, dtype=np.float64)
@@ -23,11 +34,10 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, f
     elif num_classes == 2:
         auroc = float(roc_auc_score(labels, probs[:, 1]))
     else:
-        auroc = float(roc_auc_score(labels, probs, multi_class="ovr",
-                                    labels=list(range(num_classes))))
+        auroc = float(np.mean([roc_auc_score(labels == c, probs[:, c]) for c in present]))
     return {
         "accuracy": float(np.mean(preds == labels)),
-        "balanced_accuracy": float(balanced_accuracy_score(labels, preds)),
+        "balanced_accuracy": _balanced_accuracy(labels, preds),
         "auroc": auroc,
         "loss": float(log_loss(labels, np.clip(probs, 1e-12, 1), labels=list(range(num_classes)))),
     }
