@@ -18,6 +18,7 @@ from common.medmnist_files import DataFileError
 from common.transfer_mode import MODES_HELP
 from server.credentials_cli import add_credentials_parser, run_credentials
 from simulations.report_command import add_report_parser, run_report
+from simulations.study_command import add_study_parser, run_study_command
 
 DEFAULTS = FederationConfig()
 
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_simulate(sub)
     add_report_parser(sub)
+    add_study_parser(sub)
     add_credentials_parser(sub)
     add_site_parser(sub)
     args = parser.parse_args(argv)
@@ -168,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_credentials(args)
         if args.command == "site":
             return run_site_command(args)
+        if args.command == "study":
+            return run_study_command(args)
         return _simulate(args)
     except (ConfigError, BackboneError, DataFileError) as exc:
         print(f"fedshift: error: {exc}", file=sys.stderr)

@@ -18,17 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from client.app import make_client_app
 from client.privacy_ledger import PARTS, PrivacyLedger
+from client.site_runtime import resolve_site
+from client.site_work import site_model
 from common.classification_metrics import classification_metrics
 from common.federated_data import SiteData, load_federation
 from common.federation_config import FederationConfig
-from common.medmnist_files import find_medmnist_file, load_medmnist
-from common.model_surgery import build_model
+from common.image_datasets import load_image_dataset
+from common.model_surgery import FedShiftModel
 from common.prediction import predict_probs
-from common.trainable_arrays import load_trainable_arrays
 from server.app import make_server_app
 from server.run_records import (
     FINAL_ARRAYS_FILE,
@@ -47,7 +49,8 @@ logger = logging.getLogger(__name__)
 TEST_METRICS = ("accuracy", "balanced_accuracy", "auroc")
 
 
-def _backend_config(cfg: FederationConfig) -> dict[str, Any]:
+def backend_config(cfg: FederationConfig) -> dict[str, Any]:
+    """Ray resources for the simulation: CPU (and GPU share) per site, and Ray start-up."""
     cores = os.cpu_count() or 1
     per_client = 1 if cores < 2 * cfg.num_sites else max(1, cores // cfg.num_sites)
     gpus = 1.0 / cfg.num_sites if torch.cuda.is_available() else 0.0
@@ -84,65 +87,109 @@ def simulated_sites(cfg: FederationConfig) -> SimulatedSites:
     if not cfg.scenario:
         return SimulatedSites(load_federation(cfg))
     scenario = load_scenario(cfg.scenario)
-    splits = load_medmnist(find_medmnist_file(scenario.dataset, cfg.data_dir or None))
+    splits = load_image_dataset(scenario.dataset, cfg.data_dir or None, cfg.seed)
     sites, truths = build_sites(scenario, splits, cfg.image_size)
     return SimulatedSites(sites, truths)
 
 
-def _site_results(cfg: FederationConfig, history: dict[str, Any]) -> list[dict[str, Any]]:
+def _site_results(cfg: FederationConfig, history: dict[str, Any],
+                  sites: tuple[SiteData, ...]) -> list[dict[str, Any]]:
     last_eval: dict[str, dict] = {}
     for entry in history["rounds"]:
         for name, phases in entry["sites"].items():
             if "evaluate" in phases:
                 last_eval[name] = phases["evaluate"]
-    sites = []
-    for site in simulated_sites(cfg).sites:
+    rows = []
+    for site in sites:
         row: dict[str, Any] = {"name": site.name, "epsilon_spent": None, "delta": None,
                                "noise_multiplier": None, "sample_rate": None, "steps": 0}
         ledger_path = Path(cfg.state_dir) / "ledgers" / f"{site.name}.json"
         if cfg.dp and ledger_path.exists():
-            ledger = PrivacyLedger(ledger_path, cfg.epsilon, cfg.delta)
-            sgd = [e for e in ledger.entries()
-                   if e["kind"] == "gaussian" and e.get("mechanism", "dp-sgd") == "dp-sgd"]
-            row.update({
-                "epsilon_spent": ledger.epsilon_spent(), "delta": ledger.delta,
-                "epsilon_by_part": {p: ledger.epsilon_spent(p) for p in PARTS},
-                "noise_multiplier": sgd[-1]["noise_multiplier"] if sgd else None,
-                "sample_rate": sgd[-1]["sample_rate"] if sgd else None,
-                "steps": sum(e["steps"] for e in sgd),
-                "ledger": str(ledger_path),
-            })
+            row.update(ledger_figures(ledger_path, cfg))
         evaluated = last_eval.get(site.name, {})
         row["test"] = {k: evaluated.get(k) for k in (*TEST_METRICS, "loss")}
         row["train_size"] = len(site.labels["train"])
         row["test_size"] = len(site.labels["test"])
-        row["prevalence"] = float(site.labels["train"].float().mean())
-        sites.append(row)
-    return sites
+        row["class_prior"] = torch.bincount(site.labels["train"], minlength=site.num_classes
+                                            ).div(max(len(site.labels["train"]), 1)).tolist()
+        row["prevalence"] = row["class_prior"][1] if site.num_classes == 2 else None
+        rows.append(row)
+    return rows
 
 
-def _pooled_test(cfg: FederationConfig) -> dict[str, float]:
-    model = build_model(cfg.model_spec())
-    load_trainable_arrays(model, load_arrays(Path(cfg.state_dir) / FINAL_ARRAYS_FILE))
-    sites = simulated_sites(cfg).sites
-    images = torch.cat([s.images["test"] for s in sites])
-    labels = torch.cat([s.labels["test"] for s in sites]).numpy()
+def ledger_figures(ledger_path: Path, cfg: FederationConfig) -> dict[str, Any]:
+    """A ledger's privacy spent and its DP-SGD parameters, as results report them."""
+    ledger = PrivacyLedger(ledger_path, cfg.epsilon, cfg.delta)
+    sgd = [e for e in ledger.entries()
+           if e["kind"] == "gaussian" and e.get("mechanism", "dp-sgd") == "dp-sgd"]
+    return {
+        "epsilon_spent": ledger.epsilon_spent(), "delta": ledger.delta,
+        "epsilon_by_part": {p: ledger.epsilon_spent(p) for p in PARTS},
+        "noise_multiplier": sgd[-1]["noise_multiplier"] if sgd else None,
+        "sample_rate": sgd[-1]["sample_rate"] if sgd else None,
+        "steps": sum(e["steps"] for e in sgd),
+        "ledger": str(ledger_path),
+    }
+
+
+SiteModel = Callable[[SiteData], FedShiftModel]
+
+
+def pooled_test(sites: tuple[SiteData, ...], model_for: SiteModel) -> dict[str, float]:
+    """Metrics over the union of the sites' test splits, each scored by ``model_for(site)``."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    metrics = classification_metrics(labels, predict_probs(model, images, device))
+    labels = np.concatenate([s.labels["test"].numpy() for s in sites])
+    probs = np.concatenate([predict_probs(model_for(s), s.images["test"], device)
+                            for s in sites])
+    metrics = classification_metrics(labels, probs)
     return {k: metrics[k] for k in (*TEST_METRICS, "loss")}
 
 
+def _final_model_for(cfg: FederationConfig, sites: tuple[SiteData, ...]) -> SiteModel:
+    """The final global model; under personal-bn each site's own scale/shift in it."""
+    final = load_arrays(Path(cfg.state_dir) / FINAL_ARRAYS_FILE)
+    run_key = json.loads((Path(cfg.state_dir) / HISTORY_FILE).read_text())["run_key"]
+    index = {s.name: i for i, s in enumerate(sites)}
+
+    def model_for(site: SiteData) -> FedShiftModel:
+        runtime = resolve_site(cfg, {"partition-id": index[site.name]}, run_key,
+                               lambda _: sites)
+        return site_model(runtime, final)
+
+    return model_for
+
+
+def collect_results(cfg: FederationConfig, history: dict[str, Any],
+                    sites: tuple[SiteData, ...], model_for: SiteModel) -> dict[str, Any]:
+    """A run's results: settings, per-site figures, pooled test metrics and history."""
+    results = {
+        "config": cfg.to_flower(),
+        "sites": _site_results(cfg, history, sites),
+        "pooled_test": pooled_test(sites, model_for),
+        "rounds": history["rounds"],
+        "bytes_per_round_per_site": history["bytes_per_round_per_site"],
+        "full_model_bytes": history["full_model_bytes"],
+        "trainable_parameters": history["trainable_parameters"],
+    }
+    sent = results["bytes_per_round_per_site"]
+    results["bytes_fraction_of_full_model"] = (
+        None if sent is None else sent / results["full_model_bytes"]
+    )
+    return results
+
+
 def simulate(cfg: FederationConfig, out_dir: Path | None = None,
-             on_round: RoundCallback | None = None) -> dict[str, Any]:
+             on_round: RoundCallback | None = None,
+             simulated: SimulatedSites | None = None) -> dict[str, Any]:
     """Run the federation ``cfg`` describes; return (and write to ``out_dir``) its results.
 
     ``cfg.state_dir`` receives the server's history, final parameters and the
     simulated sites' ledgers; it should be a fresh directory per run (ledgers
-    there carry privacy spent over from earlier runs).
+    there carry privacy spent over from earlier runs). ``simulated`` replaces the
+    sites ``cfg`` would build (studies pass sites with injected shifts).
     """
     cfg = scenario_config(cfg)
-    find_medmnist_file(cfg.dataset, cfg.data_dir or None)
-    simulated = simulated_sites(cfg)
+    simulated = simulated or simulated_sites(cfg)
     from flwr.simulation import run_simulation
 
     with warnings.catch_warnings():
@@ -151,7 +198,7 @@ def simulate(cfg: FederationConfig, out_dir: Path | None = None,
             server_app=make_server_app(cfg, on_round),
             client_app=make_client_app(cfg, lambda _: simulated.sites),
             num_supernodes=cfg.num_sites,
-            backend_config=_backend_config(cfg),
+            backend_config=backend_config(cfg),
         )
     history_path = Path(cfg.state_dir) / HISTORY_FILE
     if not history_path.exists():
@@ -159,18 +206,8 @@ def simulate(cfg: FederationConfig, out_dir: Path | None = None,
             f"the simulation ended without writing {history_path}; see the log above"
         )
     history = json.loads(history_path.read_text())
-    results = {
-        "config": cfg.to_flower(),
-        "sites": _site_results(cfg, history),
-        "pooled_test": _pooled_test(cfg),
-        "rounds": history["rounds"],
-        "bytes_per_round_per_site": history["bytes_per_round_per_site"],
-        "full_model_bytes": history["full_model_bytes"],
-        "trainable_parameters": history["trainable_parameters"],
-    }
-    results["bytes_fraction_of_full_model"] = (
-        results["bytes_per_round_per_site"] / results["full_model_bytes"]
-    )
+    results = collect_results(cfg, history, simulated.sites,
+                              _final_model_for(cfg, simulated.sites))
     shift_path = Path(cfg.state_dir) / SHIFT_FILE
     if shift_path.exists():
         shift = json.loads(shift_path.read_text())

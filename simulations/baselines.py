@@ -1,0 +1,131 @@
+"""Baselines that need no federation: every site alone, and all data in one place.
+
+Both train with the sites' own code path (:func:`client.site_work.train_site`,
+so the same model, learning-rate schedule, noise plan and privacy ledger as a
+federated site) for ``num_rounds`` rounds of ``local_epochs`` epochs, and write
+the same results as :func:`simulations.runner.simulate`:
+
+- **local-only**: each site trains on its own data at its own budget and is
+  scored on its own test split; nothing is sent (0 bytes per round).
+- **centralised**: the sites' training splits pooled at one holder that trains
+  under one budget (or without DP), scored on every site's test split. It is
+  the upper bound a federation tries to reach; its data movement is the data
+  itself, so bytes per round are reported as ``None``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+
+from client.privacy_ledger import PrivacyLedger
+from client.site_runtime import SiteRuntime, resolve_site
+from client.site_work import evaluate_site, site_model, train_site
+from common.federated_data import SiteData
+from common.federation_config import FederationConfig
+from common.model_surgery import FedShiftModel, build_model
+from common.trainable_arrays import full_model_bytes, trainable_arrays
+from server.run_records import FINAL_ARRAYS_FILE, save_arrays, write_json
+from server.run_report import RESULTS_FILE
+from simulations.runner import collect_results, ledger_figures
+
+POOLED = "pooled"
+LOCAL_DIR = "local"
+
+
+def train_alone(site: SiteRuntime) -> ArrayRecord:
+    """Train from the pretrained model for the run's rounds; the final parameters."""
+    arrays = trainable_arrays(build_model(site.cfg.model_spec()))
+    for server_round in range(1, site.cfg.num_rounds + 1):
+        arrays, _ = train_site(site, arrays, ConfigRecord({"server-round": server_round}))
+    return arrays
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _history(cfg: FederationConfig, run_key: str, evaluations: dict[str, dict[str, Any]],
+             bytes_per_round: int | None) -> dict[str, Any]:
+    model = build_model(cfg.model_spec())
+    return {
+        "run_key": run_key,
+        "rounds": [{"round": cfg.num_rounds, "sites": {
+            name: {"evaluate": metrics} for name, metrics in evaluations.items()}}],
+        "bytes_per_round_per_site": bytes_per_round,
+        "full_model_bytes": full_model_bytes(model),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+
+
+def _written(results: dict[str, Any], out_dir: Path | None) -> dict[str, Any]:
+    if out_dir is not None:
+        write_json(Path(out_dir) / RESULTS_FILE, results)
+    return results
+
+
+def run_local_only(cfg: FederationConfig, sites: tuple[SiteData, ...],
+                   out_dir: Path | None = None) -> dict[str, Any]:
+    """Every site trains alone at its own budget; its model is scored on its own test split.
+
+    Each site's final parameters go to ``state_dir/local/<site>.npz`` and its
+    ledger to ``state_dir/ledgers/<site>.json``, as in a federated run.
+    """
+    run_key = uuid.uuid4().hex
+    evaluations: dict[str, dict[str, Any]] = {}
+    models: dict[str, FedShiftModel] = {}
+    for index, data in enumerate(sites):
+        site = resolve_site(cfg, {"partition-id": index, "device": "auto"}, run_key,
+                            lambda _: sites)
+        arrays = train_alone(site)
+        save_arrays(Path(cfg.state_dir) / LOCAL_DIR / f"{data.name}.npz", arrays)
+        evaluations[data.name] = evaluate_site(site, arrays, ConfigRecord())
+        models[data.name] = site_model(site, arrays)
+    results = collect_results(cfg, _history(cfg, run_key, evaluations, 0), sites,
+                              lambda site: models[site.name])
+    return _written(results, out_dir)
+
+
+def pool_sites(sites: tuple[SiteData, ...]) -> SiteData:
+    """One data holder with every site's splits concatenated."""
+    return SiteData(
+        name=POOLED,
+        images={s: torch.cat([site.images[s] for site in sites]) for s in sites[0].images},
+        labels={s: torch.cat([site.labels[s] for site in sites]) for s in sites[0].labels},
+        num_classes=sites[0].num_classes,
+    )
+
+
+def run_centralised(cfg: FederationConfig, sites: tuple[SiteData, ...],
+                    out_dir: Path | None = None) -> dict[str, Any]:
+    """The sites' data pooled at one holder, trained under one budget (or without DP).
+
+    The pooled holder's ledger is ``state_dir/ledgers/pooled.json``; every site's
+    row reports it, since each site's records are in the pooled data at that budget.
+    """
+    run_key = uuid.uuid4().hex
+    pooled = pool_sites(sites)
+    ledger_path = Path(cfg.state_dir) / "ledgers" / f"{POOLED}.json"
+    holder = SiteRuntime(
+        name=POOLED, cfg=cfg, data=pooled,
+        ledger=PrivacyLedger(ledger_path, cfg.epsilon, cfg.delta) if cfg.dp else None,
+        device=_device(), allow_metrics=True, run_key=run_key,
+    )
+    arrays = train_alone(holder)
+    save_arrays(Path(cfg.state_dir) / FINAL_ARRAYS_FILE, arrays)
+    model = site_model(holder, arrays)
+    scored = {s.name: SiteRuntime(name=s.name, cfg=cfg, data=s, ledger=None, device=_device(),
+                                  allow_metrics=True, run_key=run_key) for s in sites}
+    evaluations = {name: evaluate_site(site, arrays, ConfigRecord())
+                   for name, site in scored.items()}
+    results = collect_results(cfg, _history(cfg, run_key, evaluations, None), sites,
+                              lambda _: model)
+    if cfg.dp:
+        figures = ledger_figures(ledger_path, cfg)
+        for row in results["sites"]:
+            row.update(figures)
+    return _written(results, out_dir)
