@@ -14,6 +14,7 @@ from typing import Any
 from client.site_cli import add_site_parser, run_site_command
 from common.backbones import BACKBONES, BackboneError
 from common.federation_config import AGGREGATORS, ConfigError, FederationConfig
+from common.image_datasets import dataset_channels, load_image_dataset
 from common.medmnist_files import DataFileError
 from common.transfer_mode import MODES_HELP
 from server.credentials_cli import add_credentials_parser, run_credentials
@@ -30,7 +31,11 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                     "of a pretrained backbone's BatchNorm scale/shift and head.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--dataset", default=DEFAULTS.dataset, help="MedMNIST flag of <flag>.npz")
+    p.add_argument("--dataset", default=DEFAULTS.dataset,
+                   help="a MedMNIST flag (<flag>.npz), a path to an npz file in MedMNIST "
+                        "layout, fashion-mnist (apt-get install dataset-fashion-mnist) or an "
+                        "ImageFolder directory (DIR/<class>/* or DIR/{train,val,test}/<class>/*); "
+                        "its classes and channels set --num-classes and --in-channels")
     p.add_argument("--data-dir", default="",
                    help="directory holding the data file (else $FEDSHIFT_DATA_DIR, ~/.medmnist, "
                         "then download)")
@@ -43,7 +48,13 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                         "shifts per site; its sites and [federation] settings replace "
                         "--prevalences and the matching options (see simulations/scenarios/)")
     p.add_argument("--prevalences", default=",".join(map(str, DEFAULTS.prevalences)),
-                   help="pneumonia prevalence per site, comma-separated (one value per site)")
+                   help="binary tasks: class-1 (pneumonia) prevalence per site, comma-separated "
+                        "(one value per site)")
+    p.add_argument("--sites", type=int, default=None,
+                   help="number of sites (default: one per --prevalences value)")
+    p.add_argument("--label-skew", type=float, default=DEFAULTS.label_skew,
+                   help="Dirichlet alpha of each site's class mix (small: skewed sites); 0: "
+                        "--prevalences for binary tasks, the data set's own mix otherwise")
     p.add_argument("--image-size", type=int, default=DEFAULTS.image_size)
     p.add_argument("--backbone", default=DEFAULTS.backbone, choices=sorted(BACKBONES))
     p.add_argument("--weights", default="", help="local pretrained weights file")
@@ -68,6 +79,10 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                    help="reject site updates that move the parameters further than this "
                         "(L2); 0 turns the bound off. Non-private runs with a large --lr "
                         "exceed the default")
+    p.add_argument("--personal-bn", action="store_true",
+                   help="FedBN: every site keeps its own BatchNorm scale/shift (needs --no-shift)")
+    p.add_argument("--no-shift", action="store_true",
+                   help="do not query the sites for DP shift summaries (all budget to training)")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed)
     p.add_argument("--verbose", action="store_true", help="show Flower's log")
 
@@ -79,9 +94,11 @@ def _config(args: argparse.Namespace, state_dir: Path) -> FederationConfig:
         raise ConfigError(
             f"--prevalences {args.prevalences!r}: give numbers in [0, 1] separated by commas"
         ) from None
-    return FederationConfig(
+    cfg = FederationConfig(
         dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
-        num_sites=len(prevalences), prevalences=prevalences, backbone=args.backbone,
+        num_sites=args.sites or len(prevalences), prevalences=prevalences,
+        label_skew=args.label_skew, personal_bn=args.personal_bn, shift=not args.no_shift,
+        backbone=args.backbone,
         weights=args.weights, mode=args.mode, num_rounds=args.rounds,
         local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr,
         lr_decay=args.lr_decay,
@@ -91,6 +108,9 @@ def _config(args: argparse.Namespace, state_dir: Path) -> FederationConfig:
         state_dir=str(state_dir),
         scenario=str(Path(args.scenario).resolve()) if args.scenario else "",
     )
+    # Settings are checked first; then the data set says its classes and channels.
+    splits = load_image_dataset(args.dataset, args.data_dir or None, args.seed)
+    return cfg.replace(num_classes=splits.num_classes, in_channels=dataset_channels(splits))
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -104,7 +124,8 @@ def print_results(results: dict[str, Any]) -> None:
     print("-" * len(header))
     for s in results["sites"]:
         t = s["test"]
-        print(f"{s['name']:<10}{s['prevalence']:>6.2f}{s['train_size']:>9}"
+        prevalence = "-" if s["prevalence"] is None else f"{s['prevalence']:.2f}"
+        print(f"{s['name']:<10}{prevalence:>6}{s['train_size']:>9}"
               f"{_fmt(t['accuracy']):>8}{_fmt(t['balanced_accuracy']):>9}{_fmt(t['auroc']):>8}"
               f"{_fmt(s['epsilon_spent']):>8}")
     p = results["pooled_test"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import urllib.error
 from pathlib import Path
 
@@ -55,3 +56,25 @@ def test_earlier_run_in_out_is_not_overwritten_silently(
 def test_negative_update_norm_bound(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["simulate", "--max-update-norm", "-1"]) == 2
     assert "max-update-norm must be >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_ten_class_data_set_runs_with_label_skew_and_fedbn(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_image_datasets import write_fashion
+
+    write_fashion(tmp_path / "fashion", train_per_class=40, test_per_class=8)
+    out = tmp_path / "run"
+    code = main(["simulate", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "fashion"),
+                 "--sites", "2", "--label-skew", "5", "--rounds", "1", "--local-epochs", "1",
+                 "--image-size", "16", "--batch-size", "16", "--personal-bn", "--no-shift",
+                 "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["num-classes"] == 10 and results["config"]["in-channels"] == 1
+    assert [s["prevalence"] for s in results["sites"]] == [None, None]
+    assert all(len(s["class_prior"]) == 10 for s in results["sites"])
+    assert 0 < results["pooled_test"]["auroc"] <= 1
+    assert len(list((out / "state" / "ledgers" / "personal").glob("site-*.npz"))) == 2
+    assert "site-0" in capsys.readouterr().out
