@@ -79,8 +79,7 @@ def run_local_only(cfg: FederationConfig, sites: tuple[SiteData, ...],
     evaluations: dict[str, dict[str, Any]] = {}
     models: dict[str, FedShiftModel] = {}
     for index, data in enumerate(sites):
-        site = resolve_site(cfg, {"partition-id": index, "device": "auto"}, run_key,
-                            lambda _: sites)
+        site = resolve_site(cfg, {"partition-id": index}, run_key, lambda _: sites)
         arrays = train_alone(site)
         save_arrays(Path(cfg.state_dir) / LOCAL_DIR / f"{data.name}.npz", arrays)
         evaluations[data.name] = evaluate_site(site, arrays, ConfigRecord())

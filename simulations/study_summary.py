@@ -210,6 +210,12 @@ def _plot_epsilon(rows: list[dict[str, Any]], path: Path) -> bool:
     ax.set_ylabel("pooled test AUROC")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _saved(fig, path)
+
+
+def _saved(fig: Any, path: Path) -> bool:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -237,10 +243,7 @@ def _plot_fed_vs_local(sites: list[dict[str, Any]], path: Path) -> bool:
     ax.set_ylabel("federated site AUROC")
     ax.set_title("below the diagonal: negative transfer", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _saved(fig, path)
 
 
 def _plot_cost(rows: list[dict[str, Any]], path: Path) -> bool:
@@ -263,10 +266,7 @@ def _plot_cost(rows: list[dict[str, Any]], path: Path) -> bool:
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return _saved(fig, path)
 
 
 def summarise(out_dir: Path, title: str = "study") -> dict[str, Any]:
