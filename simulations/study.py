@@ -33,7 +33,9 @@ over 0.4-0.9; tasks with more classes give every site the data set's mix.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import itertools
 import json
@@ -45,7 +47,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +68,7 @@ logger = logging.getLogger(__name__)
 CELLS_DIR = "cells"
 CELL_FILE = "cell.json"
 LOG_FILE = "log.txt"
+LOCK_FILE = ".lock"
 GRID_KEYS = ("methods", "epsilon", "sites", "label_skew", "severity", "seeds")
 STUDY_KEYS = ("name", "dataset", "seeds", "federation", "methods", "grid")
 # Settings a study sets per cell, so [federation] and [methods.*] may not.
@@ -316,6 +319,26 @@ def run_study(study: Study, out_dir: Path, data_dir: str = "", jobs: int = 1,
     is reported with the end of its log and the others go on.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(out_dir):
+        return _run_cells(study, out_dir, data_dir, jobs, on_cell)
+
+
+@contextlib.contextmanager
+def _locked(out_dir: Path) -> Iterator[None]:
+    """Hold ``out_dir``'s lock: a second study there would wipe the cells this one runs."""
+    with (out_dir / LOCK_FILE).open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StudyError(
+                f"another fedshift study is running in {out_dir}; wait for it to end or use "
+                "another --out"
+            ) from None
+        yield
+
+
+def _run_cells(study: Study, out_dir: Path, data_dir: str, jobs: int,
+               on_cell: Callable[[CellOutcome], None] | None) -> list[CellOutcome]:
     prepared = [(cell, *prepare_cell(study, cell, out_dir, data_dir)) for cell in study.cells]
     outcomes = []
     for cell, cell_dir, finished in prepared:

@@ -194,3 +194,10 @@ def test_study_runs_every_method_once_and_resumes(small_pneumonia_dir: Path,
     assert [p.name.split("-")[:2] for p in personal] == [["site", "0"], ["site", "1"]]
     again = run_study(study, tmp_path, str(small_pneumonia_dir))
     assert [o.status for o in again] == ["reused"] * 5
+
+
+def test_a_second_study_in_the_same_directory_is_refused(tmp_path: Path) -> None:
+    from simulations.study import _locked
+
+    with _locked(tmp_path), pytest.raises(StudyError, match="another fedshift study"):
+        run_study(parse_study(STUDY), tmp_path)
