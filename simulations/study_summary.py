@@ -64,13 +64,20 @@ def _sd(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else math.nan
 
 
+def _cell_keys(results: dict[str, Any]) -> dict[str, Any]:
+    """The cell's method, grid point and seed (JSON stores epsilon = inf as null)."""
+    cell = results["cell"]
+    keys = {k: cell[k] for k in ("method", *POINT, "seed")}
+    keys["epsilon"] = math.inf if keys["epsilon"] is None else keys["epsilon"]
+    return keys
+
+
 def cell_row(results: dict[str, Any]) -> dict[str, Any]:
     """The summary row of one cell."""
-    cell = results["cell"]
     sites = results["sites"]
     aurocs = [s["test"]["auroc"] for s in sites]
     spent = [s["epsilon_spent"] for s in sites if s["epsilon_spent"] is not None]
-    row = {k: cell[k] for k in ("method", *POINT, "seed")}
+    row = _cell_keys(results)
     row.update({f"pooled_{m}": results["pooled_test"][m] for m in METRICS})
     row.update({
         "site_auroc_mean": _mean(aurocs),
@@ -86,8 +93,7 @@ def cell_row(results: dict[str, Any]) -> dict[str, Any]:
 
 def site_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per site of one cell."""
-    cell = results["cell"]
-    return [{**{k: cell[k] for k in ("method", *POINT, "seed")}, "site": s["name"],
+    return [{**_cell_keys(results), "site": s["name"],
              "train_size": s["train_size"], "epsilon_spent": s["epsilon_spent"],
              **{m: s["test"][m] for m in METRICS}} for s in results["sites"]]
 

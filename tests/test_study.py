@@ -154,18 +154,21 @@ def test_claims_catch_negative_transfer_and_weaker_rivals() -> None:
 
 
 def test_summary_writes_tables_plots_and_claims(tmp_path: Path) -> None:
+    no_dp = _results("fedshift", [0.95, 0.9], 0.93, 0.014)
+    no_dp["cell"]["epsilon"] = None  # how results.json stores epsilon = inf
     cells = [_results("fedshift", [0.9, 0.8], 0.85, 0.014),
-             _results("local", [0.7, 0.75], 0.7, 0.0)]
+             _results("local", [0.7, 0.75], 0.7, 0.0), no_dp]
     for i, c in enumerate(cells):
         (tmp_path / "cells" / str(i)).mkdir(parents=True)
         (tmp_path / "cells" / str(i) / "results.json").write_text(json.dumps(c))
     out = summarise(tmp_path, "Study t")
-    assert len(out["rows"]) == 2 and len(out["sites"]) == 4
+    assert len(out["rows"]) == 3 and len(out["sites"]) == 6
     text = (tmp_path / "summary.md").read_text()
-    assert "| fedshift | 1 | 2 |" in text and "**holds**" in text
+    assert "| fedshift | 1 | 2 |" in text and "| fedshift | ∞ | 2 |" in text
+    assert "**holds**" in text
     assert {"epsilon.png", "fed_vs_local.png", "cost.png"} <= set(out["plots"])
     assert all((tmp_path / p).stat().st_size > 1000 for p in out["plots"])
-    assert (tmp_path / "summary.csv").read_text().count("\n") == 3
+    assert (tmp_path / "summary.csv").read_text().count("\n") == 4
     assert "n/a" in markdown_table([{**out["rows"][0], "bytes_per_round_per_site": None,
                                      "bytes_fraction": None}])
 
