@@ -158,6 +158,18 @@ def _site_means(sites: list[dict[str, Any]]) -> dict[tuple, float]:
             for key, group in _grouped(sites, ("method", *POINT, "site")).items()}
 
 
+def _paired_spread(sites: list[dict[str, Any]], point: tuple, site: str) -> str:
+    """The seed-paired difference fedshift - local at one site, as mean ± standard error."""
+    by_seed = {(r["method"], r["seed"]): r["auroc"] for r in sites
+               if tuple(r[k] for k in POINT) == point and r["site"] == site}
+    diffs = [by_seed[("fedshift", seed)] - by_seed[("local", seed)]
+             for (method, seed) in by_seed if method == "fedshift" and ("local", seed) in by_seed]
+    if len(diffs) < 2:
+        return ""
+    return (f" (difference {statistics.fmean(diffs):+.3f} ± "
+            f"{statistics.stdev(diffs) / math.sqrt(len(diffs)):.3f} over {len(diffs)} seeds)")
+
+
 def check_claims(rows: list[dict[str, Any]], sites: list[dict[str, Any]]) -> list[Claim]:
     """The study's claims about fedshift, checked at every grid point that can test them."""
     claims = []
@@ -174,7 +186,8 @@ def check_claims(rows: list[dict[str, Any]], sites: list[dict[str, Any]]) -> lis
         pairs = [(n, f, loc) for n, f, loc in pairs if loc is not None]
         if pairs:
             worse = [(n, f, loc) for n, f, loc in pairs if f < loc]
-            evidence = "; ".join(f"{n}: {f:.3f} vs {loc:.3f}" for n, f, loc in pairs)
+            evidence = "; ".join(f"{n}: {f:.3f} vs {loc:.3f}{_paired_spread(sites, point, n)}"
+                                 for n, f, loc in pairs)
             claims.append(Claim(
                 f"{where}: fedshift is at least as good as local-only at every site "
                 "(site AUROC)", not worse, evidence))
