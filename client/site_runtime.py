@@ -52,7 +52,8 @@ class SiteRuntime:
     skipped_images: int = 0
 
 
-def _device(value: str) -> torch.device:
+def resolve_device(value: str) -> torch.device:
+    """``cuda``, ``cpu`` or ``auto`` (CUDA when torch sees a GPU) as a torch device."""
     if value == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if value == "cuda" and not torch.cuda.is_available():
@@ -149,7 +150,7 @@ def resolve_site(cfg: FederationConfig, node_config: dict[str, Any], run_key: st
         ledger = PrivacyLedger(Path(path), cfg.epsilon, cfg.delta)
     return SiteRuntime(
         name=name, cfg=cfg, data=data, ledger=ledger,
-        device=_device(str(node_config.get("device", "auto"))),
+        device=resolve_device(str(node_config.get("device", "auto"))),
         allow_metrics=_flag(node_config.get("allow-metrics", True)), run_key=run_key,
         allow_label_histograms=_flag(node_config.get("allow-label-histograms", True)),
         allow_shift_summaries=_flag(node_config.get("allow-shift-summaries", True)),

@@ -23,7 +23,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
 from client.privacy_ledger import PrivacyLedger
-from client.site_runtime import SiteRuntime, resolve_site
+from client.site_runtime import SiteRuntime, resolve_device, resolve_site
 from client.site_work import evaluate_site, site_model, train_site
 from common.federated_data import SiteData
 from common.federation_config import FederationConfig
@@ -43,10 +43,6 @@ def train_alone(site: SiteRuntime) -> ArrayRecord:
     for server_round in range(1, site.cfg.num_rounds + 1):
         arrays, _ = train_site(site, arrays, ConfigRecord({"server-round": server_round}))
     return arrays
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _history(cfg: FederationConfig, run_key: str, evaluations: dict[str, dict[str, Any]],
@@ -109,15 +105,16 @@ def run_centralised(cfg: FederationConfig, sites: tuple[SiteData, ...],
     run_key = uuid.uuid4().hex
     pooled = pool_sites(sites)
     ledger_path = Path(cfg.state_dir) / "ledgers" / f"{POOLED}.json"
+    device = resolve_device("auto")
     holder = SiteRuntime(
         name=POOLED, cfg=cfg, data=pooled,
         ledger=PrivacyLedger(ledger_path, cfg.epsilon, cfg.delta) if cfg.dp else None,
-        device=_device(), allow_metrics=True, run_key=run_key,
+        device=device, allow_metrics=True, run_key=run_key,
     )
     arrays = train_alone(holder)
     save_arrays(Path(cfg.state_dir) / FINAL_ARRAYS_FILE, arrays)
     model = site_model(holder, arrays)
-    scored = {s.name: SiteRuntime(name=s.name, cfg=cfg, data=s, ledger=None, device=_device(),
+    scored = {s.name: SiteRuntime(name=s.name, cfg=cfg, data=s, ledger=None, device=device,
                                   allow_metrics=True, run_key=run_key) for s in sites}
     evaluations = {name: evaluate_site(site, arrays, ConfigRecord())
                    for name, site in scored.items()}

@@ -23,7 +23,7 @@ import torch
 
 from client.app import make_client_app
 from client.privacy_ledger import PARTS, PrivacyLedger
-from client.site_runtime import resolve_site
+from client.site_runtime import resolve_device, resolve_site
 from client.site_work import site_model
 from common.classification_metrics import classification_metrics
 from common.federated_data import SiteData, load_federation
@@ -137,7 +137,7 @@ SiteModel = Callable[[SiteData], FedShiftModel]
 
 def pooled_test(sites: tuple[SiteData, ...], model_for: SiteModel) -> dict[str, float]:
     """Metrics over the union of the sites' test splits, each scored by ``model_for(site)``."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     labels = np.concatenate([s.labels["test"].numpy() for s in sites])
     probs = np.concatenate([predict_probs(model_for(s), s.images["test"], device)
                             for s in sites])
