@@ -133,6 +133,17 @@ class FederationConfig:
     scenario : str (default: "")
         Simulation scenario file (TOML) with ground-truth shifts; empty: sites
         split by ``prevalences``. Only ``fedshift simulate`` reads it.
+    evaluations : int (default: 1)
+        Federated evaluations per run: the last ``evaluations`` rounds end with an
+        evaluate message, whose replies are DP-noised confusion counts of each
+        site's test split (charged; sites reserve their cost before training, up
+        to the number their own configuration allows). 0: no federated evaluation.
+    evaluation_noise : float (default: 20.0)
+        Noise multiplier (noise std per cell of the confusion counts) of each
+        evaluation.
+    histogram_noise : float (default: 20.0)
+        Noise multiplier (noise std per cell) of the validation and deployment
+        score histograms released after the last round.
     personal_bn : bool (default: False)
         FedBN-style personalisation: every site keeps its own BatchNorm scale/shift
         between rounds (on its disk, beside its ledger) and uses them for training
@@ -175,6 +186,9 @@ class FederationConfig:
     moment_layers: int = 7
     moment_clip: float = 0.3
     scenario: str = ""
+    evaluations: int = 1
+    evaluation_noise: float = 20.0
+    histogram_noise: float = 20.0
     personal_bn: bool = False
 
     def __post_init__(self) -> None:
@@ -217,6 +231,12 @@ class FederationConfig:
             (self.moment_layers >= 1,
              f"moment-layers must be >= 1, got {self.moment_layers}"),
             (self.moment_clip > 0, f"moment-clip must be > 0, got {self.moment_clip}"),
+            (0 <= self.evaluations <= self.num_rounds,
+             f"evaluations must lie in [0, num-rounds={self.num_rounds}], got {self.evaluations}"),
+            (self.evaluation_noise > 0 and math.isfinite(self.evaluation_noise),
+             f"evaluation-noise must be a finite number > 0, got {self.evaluation_noise}"),
+            (self.histogram_noise > 0 and math.isfinite(self.histogram_noise),
+             f"histogram-noise must be a finite number > 0, got {self.histogram_noise}"),
             (self.round_timeout > 0,
              f"round-timeout must be > 0 seconds, got {self.round_timeout}"),
             (self.max_update_norm >= 0,
@@ -242,6 +262,10 @@ class FederationConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether ``server_round`` ends with a federated evaluation (the last ``evaluations``)."""
+        return server_round > self.num_rounds - self.evaluations
 
     @property
     def required_sites(self) -> int:
