@@ -11,13 +11,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
+
+from common.atomic_files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -50,29 +52,23 @@ def candidate_dirs(data_dir: str | Path | None = None) -> list[Path]:
     return dirs
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _download(url: str, md5: str | None, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False, suffix=".part") as tmp:
-        tmp_path = Path(tmp.name)
-        try:
-            with urllib.request.urlopen(url, timeout=30) as response:
-                for chunk in iter(lambda: response.read(1 << 20), b""):
-                    tmp.write(chunk)
-        except BaseException:
-            tmp_path.unlink(missing_ok=True)
-            raise
-    if md5 is not None and _md5(tmp_path) != md5:
-        tmp_path.unlink(missing_ok=True)
-        raise DataFileError(f"download of {url} has the wrong checksum; try again")
-    os.replace(tmp_path, target)
+    """Stream ``url`` to ``target`` atomically; a wrong checksum leaves no file behind.
+
+    The checksum is checked before the file takes its name, so ``target`` only ever
+    holds a complete, verified download (or nothing).
+    """
+
+    def write(fh: BinaryIO) -> None:
+        digest = hashlib.md5()
+        with urllib.request.urlopen(url, timeout=30) as response:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                digest.update(chunk)
+                fh.write(chunk)
+        if md5 is not None and digest.hexdigest() != md5:
+            raise DataFileError(f"download of {url} has the wrong checksum; try again")
+
+    atomic_write(target, write)
 
 
 def find_medmnist_file(

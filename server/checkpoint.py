@@ -1,26 +1,28 @@
 """The server's checkpoint: everything needed to resume a run after a crash.
 
 Written after every round, and once more when the run's final records are
-written, as one ``.npz`` file, atomically (temporary file,
-fsync, rename), so a crash leaves either the previous checkpoint or the new
-one. It holds the global parameters, the round just finished, the run key the
-sites' ledgers know the run by, the strategy's state (history and FedAdam
-moments) and the shift monitor's state, plus a fingerprint of the run's
-settings: a checkpoint resumes only a run with the same settings.
+written, as one ``.npz`` file, atomically (:mod:`common.atomic_files`: temporary
+file, fsync, rename, fsync of the folder), so a crash leaves either the previous
+checkpoint or the new one; a file torn some other way is refused with
+:class:`CheckpointError`, never half read. It holds the global parameters, the
+round just finished, the run key the sites' ledgers know the run by, the
+strategy's state (history and FedAdam moments) and the shift monitor's state,
+plus a fingerprint of the run's settings: a checkpoint resumes only a run with
+the same settings.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
+
+from common.atomic_files import atomic_write
 
 CHECKPOINT_FILE = "checkpoint.npz"
 CHECKPOINT_VERSION = 1
@@ -67,17 +69,7 @@ def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     payload = {f"arrays/{k}": a.numpy() for k, a in checkpoint.arrays.items()}
     payload.update({f"strategy/{k}": v for k, v in checkpoint.strategy_arrays.items()})
     payload["meta"] = np.array(json.dumps(meta))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: np.savez(fh, **payload))
 
 
 def load_checkpoint(path: Path, fingerprint: str) -> Checkpoint | None:
@@ -86,8 +78,9 @@ def load_checkpoint(path: Path, fingerprint: str) -> Checkpoint | None:
     Raises
     ------
     CheckpointError
-        When the file cannot be read, or was written by a run with other settings
-        (resuming it would mix two runs' parameters and privacy plans).
+        When the file cannot be read (truncated, corrupt, not a checkpoint), or was
+        written by a run with other settings (resuming it would mix two runs'
+        parameters and privacy plans).
     """
     if not path.exists():
         return None
@@ -98,23 +91,39 @@ def load_checkpoint(path: Path, fingerprint: str) -> Checkpoint | None:
                       if k.startswith("arrays/")}
             strategy_arrays = {k.removeprefix("strategy/"): data[k] for k in data.files
                                if k.startswith("strategy/")}
-    except (OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(
-            f"cannot read the checkpoint {path}: {exc}. Move it away to start the run afresh "
-            "(the sites' ledgers keep what they spent)"
-        ) from exc
+        if not isinstance(meta, dict):
+            raise ValueError("its metadata is not a JSON object")
+    # A torn or damaged npz fails in many ways (BadZipFile, EOFError, zlib.error, bad
+    # array headers, bad JSON, ...); whichever it is, the file cannot be resumed from.
+    except Exception as exc:
+        raise _unreadable(path, exc) from exc
     if meta.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(f"checkpoint {path} has version {meta.get('version')}, "
                               f"this fedshift reads version {CHECKPOINT_VERSION}")
-    if meta["fingerprint"] != fingerprint:
+    if meta.get("fingerprint") != fingerprint:
         raise CheckpointError(
             f"checkpoint {path} belongs to a run with other settings; resume with the same "
             "run config, or give this run another state-dir"
         )
-    return Checkpoint(
-        run_key=meta["run_key"], fingerprint=meta["fingerprint"],
-        server_round=int(meta["server_round"]),
-        arrays=ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-        strategy=meta["strategy"], strategy_arrays=strategy_arrays, monitor=meta["monitor"],
-        finished=bool(meta["finished"]),
+    try:
+        strategy, monitor = meta["strategy"], meta["monitor"]
+        if not isinstance(strategy, dict) or not isinstance(monitor, dict):
+            raise TypeError("its strategy and monitor states are not JSON objects")
+        return Checkpoint(
+            run_key=str(meta["run_key"]), fingerprint=meta["fingerprint"],
+            server_round=int(meta["server_round"]),
+            arrays=ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            strategy=strategy, strategy_arrays=strategy_arrays, monitor=monitor,
+            finished=bool(meta["finished"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
+    reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return CheckpointError(
+        f"cannot read the checkpoint {path} ({reason}); it is truncated, damaged or not a "
+        "fedshift checkpoint. Move it out of the state-dir to start the run afresh (the "
+        "sites' ledgers keep what they spent), or restore it from a backup to resume"
     )

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
+
+from common.atomic_files import atomic_write, atomic_write_text
 
 HISTORY_FILE = "history.json"
 SHIFT_FILE = "shift.json"
@@ -28,21 +28,18 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON atomically; non-finite floats become null."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(_json_safe(data), fh, indent=2, allow_nan=False)
-    os.replace(tmp, path)
+    """Write ``data`` as JSON atomically and durably; non-finite floats become null.
+
+    The text is made before the file is touched, so data that cannot be written as
+    JSON leaves ``path`` as it was.
+    """
+    atomic_write_text(path, json.dumps(_json_safe(data), indent=2, allow_nan=False))
 
 
 def save_arrays(path: Path, arrays: ArrayRecord) -> None:
-    """Save an ArrayRecord as an npz file keyed by parameter name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.npz")
-    os.close(fd)
-    np.savez(tmp, **{k: a.numpy() for k, a in arrays.items()})
-    os.replace(tmp, path)
+    """Save an ArrayRecord as an npz file keyed by parameter name, atomically and durably."""
+    payload = {k: a.numpy() for k, a in arrays.items()}
+    atomic_write(path, lambda fh: np.savez(fh, **payload))
 
 
 def load_arrays(path: Path) -> ArrayRecord:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -57,6 +58,45 @@ def test_checkpoint_of_other_settings_or_unreadable_is_refused(tmp_path: Path) -
     with pytest.raises(CheckpointError, match="other settings"):
         load_checkpoint(path, "xyz")
     path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(path, "abc")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.1, 0.9, -1], ids=["half", "tenth", "most", "last-byte"])
+def test_a_truncated_checkpoint_is_refused_with_what_to_do(tmp_path: Path, keep: float) -> None:
+    path = tmp_path / CHECKPOINT_FILE
+    save_checkpoint(path, _checkpoint())
+    raw = path.read_bytes()
+    path.write_bytes(raw[:int(len(raw) * keep)])  # a torn write: the first part only
+    with pytest.raises(CheckpointError, match="cannot read the checkpoint") as info:
+        load_checkpoint(path, "abc")
+    assert "Move it out of the state-dir" in str(info.value)
+
+
+def test_a_damaged_checkpoint_never_escapes_as_another_error(tmp_path: Path) -> None:
+    path = tmp_path / CHECKPOINT_FILE
+    save_checkpoint(path, _checkpoint())
+    raw = path.read_bytes()
+    rng = np.random.default_rng(0)
+    for cut in range(0, len(raw), max(1, len(raw) // 200)):
+        path.write_bytes(raw[:cut])
+        with pytest.raises(CheckpointError):
+            load_checkpoint(path, "abc")
+    for position in rng.choice(len(raw), size=300, replace=False):
+        damaged = bytearray(raw)
+        damaged[position] ^= 0xFF
+        path.write_bytes(bytes(damaged))
+        with contextlib.suppress(CheckpointError):  # anything else fails the test
+            load_checkpoint(path, "abc")
+
+
+def test_a_checkpoint_whose_metadata_lacks_a_field_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / CHECKPOINT_FILE
+    meta = {"version": 1, "run_key": "run-1", "fingerprint": "abc", "server_round": 2}
+    np.savez(path, meta=np.array(json.dumps(meta)))
+    with pytest.raises(CheckpointError, match=r"cannot read.*KeyError"):
+        load_checkpoint(path, "abc")
+    np.savez(path, meta=np.array("[1, 2]"))
     with pytest.raises(CheckpointError, match="cannot read"):
         load_checkpoint(path, "abc")
 
