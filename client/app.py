@@ -1,4 +1,4 @@
-"""The fedshift ClientApp: local DP fine-tuning and federated evaluation at a site.
+"""The fedshift ClientApp: local DP fine-tuning, federated evaluation and shift queries.
 
 Flower loads ``client.app:app``. Run settings come from the run config
 (:class:`common.federation_config.FederationConfig`); a site's own settings come
@@ -8,21 +8,21 @@ from its node config and win over the run config where both exist:
     Which simulated site this node is (set by Flower's simulation engine).
 ``site-name``, ``ledger-path``, ``epsilon``, ``delta``
     The site's name, its ledger file and its privacy budget.
-``allow-metrics`` (default true)
-    Whether evaluation metrics on the site's private test data may be released
-    (a non-DP release, recorded in the ledger).
-``allow-shift-summaries``, ``allow-label-histograms`` (default true)
-    Whether the site answers shift queries (DP feature moments and score
-    histograms, which carry per-class counts).
 ``data-path``, ``data-format``, ``channels``, ``clip``
     A deployed site's own data and settings (``fedshift site run`` passes them
     from the site's TOML file; see :mod:`client.site_config`).
 ``device``
     ``cuda``, ``cpu`` or ``auto`` (default: CUDA when available).
+Release settings and limits
+    :class:`client.release_policy.SitePolicy` (``release-non-dp``,
+    ``aggregation-weights``, ``max-evaluations``, ``composition``, ``max-rounds``, ...).
 
-Besides ``train`` and ``evaluate`` it answers ``query.shift`` messages with DP
-shift summaries (:mod:`client.shift_queries`). Train and evaluate replies carry
-``skipped-images``: how many of the site's image files could not be read.
+Every request is parsed by :class:`common.messages.Request` (unknown keys and
+malformed values are refused) and every reply is one of the typed records of
+:mod:`common.messages`, holding DP releases charged to the ledger and only the
+non-DP values the site's policy names. A request the site already answered
+(the same kind and round of the same run, as a resumed server sends) gets the
+recorded reply: nothing is computed or charged again.
 """
 
 from __future__ import annotations
@@ -30,26 +30,26 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import numpy as np
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Error,
-    Message,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import ArrayRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from client.privacy_ledger import BudgetExceeded, LedgerError
+from client.release_policy import SitePolicy
 from client.shift_queries import answer_shift_query
 from client.site_runtime import SiteLoader, SiteRuntime, resolve_site
 from client.site_work import evaluate_site, train_site
 from common.federated_data import load_federation
 from common.federation_config import ConfigError, FederationConfig
 from common.medmnist_files import DataFileError
+from common.messages import (
+    ARRAYS,
+    DeploymentReply,
+    EvaluateReply,
+    MessageError,
+    MomentsReply,
+    Request,
+    TrainReply,
+)
 from common.trainable_arrays import ArrayMismatch
 
 logger = logging.getLogger(__name__)
@@ -59,9 +59,12 @@ ERROR_BAD_REQUEST = 4002
 ERROR_SITE_DATA = 4003
 ERROR_NOT_ALLOWED = 4004
 
+Reply = TrainReply | EvaluateReply | MomentsReply | DeploymentReply
+Handler = Callable[[SiteRuntime, ArrayRecord, Request], Reply]
+
 
 class ReleaseNotAllowed(PermissionError):
-    """The site's configuration does not allow this release."""
+    """The site's policy does not allow this release."""
 
 
 def _error_reply(msg: Message, code: int, reason: str) -> Message:
@@ -69,87 +72,67 @@ def _error_reply(msg: Message, code: int, reason: str) -> Message:
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
-def _run_key(msg: Message, context: Context) -> str:
-    """The run the ledger charges: the server's ``run-key`` (kept across a server
-    restart), else Flower's run id."""
-    config = msg.content.config_records.get("config") if msg.has_content() else None
-    key = config.get("run-key") if config is not None else None
-    return str(key) if key else str(context.run_id)
-
-
-def _guarded(handler: Callable[[Message, SiteRuntime], RecordDict],
-             config: FederationConfig | None, load_sites: SiteLoader
-             ) -> Callable[[Message, Context], Message]:
+def _guarded(handler: Handler, config: FederationConfig | None, load_sites: SiteLoader,
+             policy: SitePolicy | None) -> Callable[[Message, Context], Message]:
     def run(msg: Message, context: Context) -> Message:
         who = str(context.node_config.get("site-name", f"node {context.node_id}"))
         try:
             cfg = config or FederationConfig.from_flower(context.run_config)
-            site = resolve_site(cfg, dict(context.node_config), _run_key(msg, context),
-                                load_sites)
+            request = Request.parse(msg, str(context.run_id))
+            site = resolve_site(cfg, dict(context.node_config), request.run_key, load_sites,
+                                policy)
             who = site.name
-            return Message(handler(msg, site), reply_to=msg)
+            kind = f"{msg.metadata.message_type}-{request.kind}".rstrip("-")
+            if site.archive is not None:
+                sent = site.archive.load(kind, request.server_round)
+                if sent is not None:
+                    logger.info("%s: %s round %d answered already; sending the same reply",
+                                site.name, kind, request.server_round)
+                    return Message(sent, reply_to=msg)
+            content = handler(site, msg.content.array_records[ARRAYS], request).to_content()
+            if site.archive is not None:
+                site.archive.save(kind, request.server_round, content)
+            return Message(content, reply_to=msg)
         except BudgetExceeded as exc:
             return _error_reply(msg, ERROR_BUDGET_EXCEEDED, f"{who}: {exc}")
         except ReleaseNotAllowed as exc:
             return _error_reply(msg, ERROR_NOT_ALLOWED, f"{who}: {exc}")
         except (DataFileError, LedgerError) as exc:
             return _error_reply(msg, ERROR_SITE_DATA, f"{who}: {exc}")
-        except (ConfigError, ArrayMismatch, ValueError, KeyError) as exc:
+        except (ConfigError, MessageError, ArrayMismatch, ValueError, KeyError) as exc:
             return _error_reply(msg, ERROR_BAD_REQUEST, f"{who}: {type(exc).__name__}: {exc}")
 
     return run
 
 
-def _with_skipped(metrics: dict[str, float | int], site: SiteRuntime) -> MetricRecord:
-    """The reply's metrics, with how many of the site's image files were unreadable."""
-    return MetricRecord({**metrics, "skipped-images": site.skipped_images})
-
-
-def _train(msg: Message, site: SiteRuntime) -> RecordDict:
-    arrays, metrics = train_site(site, msg.content["arrays"], msg.content["config"])
-    return RecordDict({"arrays": arrays, "metrics": _with_skipped(metrics, site),
-                       "site": ConfigRecord({"name": site.name})})
-
-
-def _evaluate(msg: Message, site: SiteRuntime) -> RecordDict:
-    if not site.allow_metrics:
-        raise ReleaseNotAllowed(
-            f"site {site.name} does not release evaluation metrics (allow-metrics = false)"
-        )
-    metrics = evaluate_site(site, msg.content["arrays"], msg.content["config"])
-    return RecordDict({"metrics": _with_skipped(metrics, site),
-                       "site": ConfigRecord({"name": site.name})})
-
-
-def _shift(msg: Message, site: SiteRuntime) -> RecordDict:
-    refused = [key for key, allowed in (("shift-summaries", site.allow_shift_summaries),
-                                        ("label-histograms", site.allow_label_histograms))
+def _shift(site: SiteRuntime, arrays: ArrayRecord, request: Request
+           ) -> MomentsReply | DeploymentReply:
+    policy = site.policy
+    refused = [key for key, allowed in (("shift_summaries", policy.shift_summaries),
+                                        ("label_histograms", policy.label_histograms))
                if not allowed]
-    if refused:
+    if refused and (request.kind == "moments" or not policy.shift_summaries):
         raise ReleaseNotAllowed(
-            f"site {site.name} does not release {' or '.join(refused)} (allow-"
-            f"{' = false, allow-'.join(refused)} = false); shift summaries carry per-class "
-            "counts, so they need both"
+            f"site {site.name} does not release {' or '.join(refused)} ([releases] "
+            f"{' = false, '.join(refused)} = false in its site file); moment summaries carry "
+            "per-class counts, so they need both"
         )
-    arrays, metrics = answer_shift_query(site, msg.content["arrays"], msg.content["config"])
-    return RecordDict({
-        "summaries": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
-        "metrics": MetricRecord(metrics),
-        "site": ConfigRecord({"name": site.name}),
-    })
+    return answer_shift_query(site, arrays, request)
 
 
 def make_client_app(config: FederationConfig | None = None,
-                    load_sites: SiteLoader = load_federation) -> ClientApp:
+                    load_sites: SiteLoader = load_federation,
+                    policy: SitePolicy | None = None) -> ClientApp:
     """A ClientApp using ``config`` (or each run's Flower run config when None).
 
     ``load_sites`` gives the simulated sites' data for a config (simulations with
-    scenario files pass their own).
+    scenario files pass their own); ``policy`` is the simulated sites' release
+    policy (None: each node config's, with the defaults).
     """
     app = ClientApp()
-    app.train()(_guarded(_train, config, load_sites))
-    app.evaluate()(_guarded(_evaluate, config, load_sites))
-    app.query("shift")(_guarded(_shift, config, load_sites))
+    app.train()(_guarded(train_site, config, load_sites, policy))
+    app.evaluate()(_guarded(evaluate_site, config, load_sites, policy))
+    app.query("shift")(_guarded(_shift, config, load_sites, policy))
     return app
 
 

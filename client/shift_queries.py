@@ -10,26 +10,27 @@ Two kinds, chosen by the message's ``kind`` config value:
 ``deployment`` (after the last round)
     DP histograms of the global model's scores: of the labelled validation split
     per true class (``validation`` part) and of the unlabelled deployment pool
-    (``deployment`` part), each at the largest noise its part's remaining budget
-    requires. From these the site fits its calibration, estimates its deployment
-    priors by MLLS and corrects its predictions by Bayes' rule; when the pool has
-    audit labels (simulations) it reports metrics with and without correction, a
-    release the site's ``allow-metrics`` permits.
+    (``deployment`` part), each at the run's ``histogram-noise``. From these
+    the site fits its calibration, estimates its deployment priors by MLLS and
+    corrects its predictions by Bayes' rule; when the pool has audit labels
+    (simulations) it reports metrics with and without correction, a
+    non-DP release its policy must name (``audit-metrics``).
+
+Every release's noise was fixed by the run's plan (:func:`client.site_work.noise_plan`),
+which reserved its cost before DP-SGD's noise was sized.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord
 
-from client.privacy_ledger import BudgetExceeded
+from client.privacy_ledger import BudgetExceeded, NoisePlan
 from client.site_runtime import SiteRuntime
-from client.site_work import noise_plan, site_model, training_config
+from client.site_work import allowed_extras, noise_plan, reserved_release, rng, site_model
 from common.classification_metrics import classification_metrics
 from common.federation_config import ConfigError
 from common.label_shift import (
@@ -41,27 +42,20 @@ from common.label_shift import (
     mlls,
     score_bins,
 )
+from common.messages import DeploymentReply, MomentsReply, Request
 from common.norm_moments import image_moments, moment_layout
 from common.prediction import predict_logits
-from common.privacy_accounting import noise_for_budget
-from common.private_summaries import class_sums_release, noisy_class_sums, noisy_histogram
+from common.private_summaries import noisy_class_sums, noisy_histogram
 
 logger = logging.getLogger(__name__)
 
-QUERY_KINDS = ("moments", "deployment")
 
-
-def _rng() -> np.random.Generator:
-    return np.random.default_rng()
-
-
-def _centre(config: ConfigRecord, shape: tuple[int, int, int]) -> np.ndarray:
+def _centre(request: Request, shape: tuple[int, int, int]) -> np.ndarray:
     """The server's per-class feature centre from the query (zeros when it sends none)."""
-    values = config.get("moment-centre")
-    if values is None:
+    if request.moment_centre is None:
         return np.zeros(shape)
-    centre = np.asarray(values, dtype=np.float64)
-    if centre.size != int(np.prod(shape)) or not np.all(np.isfinite(centre)):
+    centre = np.asarray(request.moment_centre, dtype=np.float64)
+    if centre.size != int(np.prod(shape)):
         raise ConfigError(
             f"moment-centre must hold {int(np.prod(shape))} finite numbers "
             f"(classes x layers x features = {' x '.join(map(str, shape))}), got {centre.size}; "
@@ -70,75 +64,36 @@ def _centre(config: ConfigRecord, shape: tuple[int, int, int]) -> np.ndarray:
     return centre.reshape(shape)
 
 
-def _clip(config: ConfigRecord, default: float) -> float:
-    """The round's block clip: the server's choice, else the site's.
+def moments_reply(site: SiteRuntime, arrays: ArrayRecord, request: Request) -> MomentsReply:
+    """The round's DP moment sums and label histogram of the site's training split.
 
-    The ledger's cost depends on the noise multiplier only; the noise added scales
-    with the clip, so a server asking for a wide clip gets noisier sums, not more
-    privacy spent.
+    The round's block clip is the server's choice (else the site's): the ledger's
+    cost depends on the noise multiplier only, and the noise added scales with the
+    clip, so a server asking for a wide clip gets noisier sums, not more privacy.
     """
-    value = config.get("moment-clip", default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (
-            math.isfinite(value) and value > 0):
-        raise ConfigError(f"moment-clip must be a positive number, got {value!r}")
-    return float(value)
-
-
-def moments_reply(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord
-                  ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """The round's DP moment sums and label histogram of the site's training split."""
     if site.ledger is None:
         raise ConfigError("shift summaries are DP releases; this run has DP turned off")
-    round_ = int(config.get("server-round", 0))
-    images, labels = site.data.images["train"], site.data.labels["train"]
-    plan = noise_plan(site, len(labels), training_config(site, config))
-    if not plan.moment_noise:
-        raise ConfigError(
-            "this site's noise plan for the run reserved no budget for shift summaries "
-            "(it was fixed with shift = false); start a new run to release them"
-        )
-    done = sum(1 for e in site.ledger.entries()
-               if e.get("mechanism") == "moments" and e.get("run") == site.run_key)
-    if done >= plan.planned_rounds:
-        raise BudgetExceeded(
-            f"refused moment summary: the run's plan reserved {plan.planned_rounds} and "
-            f"{done} were released already"
-        )
-    release = class_sums_release(plan.moment_noise)
+    round_ = request.server_round
     what = f"moment summary round {round_}"
-    site.ledger.check(release, what, "train")
+    plan = noise_plan(site)
+    if any(e.round == round_ for e in site.ledger.made(site.run_key, "moments")):
+        raise BudgetExceeded(f"refused {what}: this run released round {round_}'s already")
+    release = reserved_release(site, plan, "moments", "train", what)
+    images, labels = site.data.images["train"], site.data.labels["train"]
     model = site_model(site, arrays)
-    layout = moment_layout(model, site.cfg.moment_layers, _clip(config, site.cfg.moment_clip))
-    centre = _centre(config, layout.centre_shape(site.cfg.num_classes))
+    layout = moment_layout(model, site.cfg.moment_layers,
+                           request.moment_clip or site.cfg.moment_clip)
+    centre = _centre(request, layout.centre_shape(site.cfg.num_classes))
     blocks = image_moments(model, layout, images, labels.numpy(), centre, site.device)
     noisy, release = noisy_class_sums(
         blocks.reshape(len(blocks), -1), labels.numpy(), site.cfg.num_classes,
-        layout.sensitivity, plan.moment_noise, _rng(),
+        layout.sensitivity, plan.moment_noise, rng(),
     )
-    epsilon = site.ledger.charge(release, site.run_key, round_, what, "train", "moments")
-    return (
-        {"sums": noisy.sums.reshape(site.cfg.num_classes, len(layout.layer_names), layout.width),
-         "counts": noisy.counts},
-        {"sum-noise-std": noisy.sum_noise_std, "count-noise-std": noisy.count_noise_std,
-         "epsilon-spent": epsilon},
-    )
-
-
-def _part_noise(site: SiteRuntime, part: str) -> float:
-    """Noise that spends what is left of ``part``'s budget on one histogram (one per run)."""
-    assert site.ledger is not None
-    earlier = [e for e in site.ledger.entries() if e.get("run") == site.run_key
-               and e.get("part") == part and e.get("mechanism") == "score-histogram"]
-    if earlier:
-        raise BudgetExceeded(
-            f"refused {part} score histogram: this run released one in round "
-            f"{earlier[0]['round']} with this part's whole budget"
-        )
-    try:
-        return noise_for_budget(site.ledger.target_epsilon, site.ledger.delta, 1.0, 1,
-                                spent=site.ledger.releases(part))
-    except ValueError as exc:
-        raise BudgetExceeded(f"refused {part} score histogram: {exc}") from exc
+    site.ledger.charge(release, site.run_key, round_, what, "train", "moments", plan)
+    return MomentsReply(
+        sums=noisy.sums.reshape(site.cfg.num_classes, len(layout.layer_names), layout.width),
+        counts=noisy.counts, sum_noise_std=noisy.sum_noise_std,
+        count_noise_std=noisy.count_noise_std, site=site.name)
 
 
 def _metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
@@ -148,67 +103,75 @@ def _metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
             "ece": expected_calibration_error(labels, probs)}
 
 
-def deployment_reply(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord
-                     ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+def _histogram(site: SiteRuntime, plan: NoisePlan, part: str, counts: np.ndarray,
+               round_: int) -> tuple[np.ndarray, float]:
+    """``counts`` released with the noise the plan reserved for ``part``'s histogram."""
+    assert site.ledger is not None
+    what = f"{part} score histogram"
+    release = reserved_release(site, plan, "score-histogram", part, what)
+    noisy, release = noisy_histogram(counts, release.noise_multiplier, rng())
+    site.ledger.charge(release, site.run_key, round_, what, part, "score-histogram", plan)
+    return noisy, release.noise_multiplier
+
+
+def deployment_reply(site: SiteRuntime, arrays: ArrayRecord, request: Request
+                     ) -> DeploymentReply:
     """DP score histograms of the validation split and the deployment pool, and corrections."""
     if site.ledger is None:
         raise ConfigError("shift summaries are DP releases; this run has DP turned off")
-    round_ = int(config.get("server-round", 0))
+    round_ = request.server_round
     k = site.cfg.num_classes
+    plan = noise_plan(site)
+    has_pool = "pool" in site.data.images and len(site.data.images["pool"]) > 0
+    reserved_release(site, plan, "score-histogram", "validation", "validation score histogram")
+    if has_pool:
+        reserved_release(site, plan, "score-histogram", "deployment",
+                         "deployment score histogram")
     model = site_model(site, arrays)
     val_logits = predict_logits(model, site.data.images["val"], site.device)
     val_labels = site.data.labels["val"].numpy()
-    z_val = _part_noise(site, "validation")
-    val_hist, release = noisy_histogram(histogram(score_bins(val_logits), val_labels, k),
-                                        z_val, _rng())
-    site.ledger.charge(release, site.run_key, round_, "validation score histogram",
-                       "validation", "score-histogram")
-    arrays_out: dict[str, np.ndarray] = {"val-hist": val_hist}
-    metrics: dict[str, float] = {"val-noise-std": z_val}
-    if "pool" in site.data.images and len(site.data.images["pool"]):
-        pool_logits = predict_logits(model, site.data.images["pool"], site.device)
-        z_pool = _part_noise(site, "deployment")
-        pool_hist, release = noisy_histogram(histogram(score_bins(pool_logits), None, k),
-                                             z_pool, _rng())
-        site.ledger.charge(release, site.run_key, round_, "deployment score histogram",
-                           "deployment", "score-histogram")
-        arrays_out["pool-hist"] = pool_hist
-        metrics["pool-noise-std"] = z_pool
-        if k == 2:
-            metrics.update(_correction(site, val_hist, pool_hist, pool_logits, round_))
-    metrics["epsilon-spent"] = site.ledger.epsilon_spent()
-    return arrays_out, metrics
+    val_hist, z_val = _histogram(site, plan, "validation",
+                                 histogram(score_bins(val_logits), val_labels, k), round_)
+    if not has_pool:
+        return DeploymentReply(val_hist=val_hist, val_noise_std=z_val, site=site.name)
+    pool_logits = predict_logits(model, site.data.images["pool"], site.device)
+    pool_hist, z_pool = _histogram(site, plan, "deployment",
+                                   histogram(score_bins(pool_logits), None, k), round_)
+    priors: tuple[float, ...] = ()
+    extras: dict[str, float] = {}
+    if k == 2:
+        priors, extras = _correction(site, val_hist, pool_hist, pool_logits, round_)
+    return DeploymentReply(val_hist=val_hist, val_noise_std=z_val, site=site.name,
+                           pool_hist=pool_hist, pool_noise_std=z_pool, priors=priors,
+                           extras=extras)
 
 
 def _correction(site: SiteRuntime, val_hist: np.ndarray, pool_hist: np.ndarray,
-                pool_logits: np.ndarray, round_: int) -> dict[str, float]:
-    """The site's MLLS priors and, with audit labels, metrics with and without correction."""
-    assert site.ledger is not None
+                pool_logits: np.ndarray, round_: int
+                ) -> tuple[tuple[float, ...], dict[str, float]]:
+    """The site's MLLS priors (from its released histograms) and, where its policy allows
+    audit metrics and the pool has audit labels, metrics with and without correction."""
     calibration = fit_bcts(val_hist)
     source = np.array(calibration.source_prior)
     prior = mlls(pool_hist, calibration.posterior(BINARY_CENTRES), source)
-    out: dict[str, float] = {f"mlls-prior.{c}": float(p) for c, p in enumerate(prior)}
+    priors = tuple(float(p) for p in prior)
     labels = site.data.labels.get("pool")
-    if labels is None or not site.allow_metrics:
-        return out
+    if labels is None or not site.policy.allows("audit-metrics"):
+        return priors, {}
     labels_np = labels.numpy()
     calibrated = calibration.posterior(pool_logits[:, 1] - pool_logits[:, 0])
     corrected = correct_priors(calibrated, prior, source)
     raw = torch.softmax(torch.from_numpy(pool_logits), dim=1).numpy()
-    for name, probs in (("raw", raw), ("uncorrected", calibrated), ("corrected", corrected)):
-        for key, value in _metrics(labels_np, probs).items():
-            out[f"{name}.{key}"] = value
-    site.ledger.record_allowed(site.run_key, round_, "deployment-pool metrics with and "
-                               "without prior correction (audit labels)", "allow-metrics")
-    return out
+    out = {f"{name}.{key}": value
+           for name, probs in (("raw", raw), ("uncorrected", calibrated),
+                               ("corrected", corrected))
+           for key, value in _metrics(labels_np, probs).items()}
+    return priors, allowed_extras(site, round_, out)
 
 
-def answer_shift_query(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord
-                       ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Dispatch on the query's ``kind``."""
-    kind = str(config.get("kind", ""))
-    if kind == "moments":
-        return moments_reply(site, arrays, config)
-    if kind == "deployment":
-        return deployment_reply(site, arrays, config)
-    raise ConfigError(f"unknown shift query kind {kind!r}; kinds are {', '.join(QUERY_KINDS)}")
+def answer_shift_query(site: SiteRuntime, arrays: ArrayRecord, request: Request
+                       ) -> MomentsReply | DeploymentReply:
+    """Dispatch on the query's ``kind`` (checked by :class:`common.messages.Request`)."""
+    if request.kind == "moments":
+        return moments_reply(site, arrays, request)
+    return deployment_reply(site, arrays, request)

@@ -97,7 +97,7 @@ def _data(config: SiteConfig) -> tuple[list[CheckResult], SiteImages | None]:
                                    f" e.g. {examples}"))
     else:
         results.append(CheckResult("skipped files", Verdict.OK, "none"))
-    if POOL not in counts and config.releases.shift_summaries:
+    if POOL not in counts and config.policy.shift_summaries:
         where = ("a MedMNIST file holds none" if config.data.format == "medmnist"
                  else "the tree has no deploy/ folder")
         results.append(CheckResult("deployment pool", Verdict.WARNING,
@@ -136,9 +136,11 @@ def _ledger(config: SiteConfig) -> CheckResult:
             return CheckResult("ledger", Verdict.FAIL,
                                f"{path} is not a file this user can read and write")
         try:
-            ledger = PrivacyLedger(path, config.privacy.epsilon, config.privacy.delta)
+            ledger = PrivacyLedger(path, config.privacy.epsilon, config.privacy.delta,
+                                   config.policy.composition)
             spent = ledger.epsilon_spent()
-            parts = ", ".join(f"{p} {ledger.epsilon_spent(p):.3g}" for p in PARTS)
+            parts = f"{config.policy.composition} composition; by part " + ", ".join(
+                f"{p} {ledger.epsilon_spent(p):.3g}" for p in PARTS)
         except LedgerError as exc:
             return CheckResult("ledger", Verdict.FAIL, str(exc))
         if spent >= config.privacy.epsilon - 1e-9:
@@ -148,6 +150,10 @@ def _ledger(config: SiteConfig) -> CheckResult:
         return CheckResult("ledger", Verdict.OK,
                            f"{path}: epsilon {spent:.4g} spent of {config.privacy.epsilon:g} "
                            f"({parts}); {len(ledger.entries())} releases recorded")
+    if config.privacy.ledger_must_exist:
+        return CheckResult("ledger", Verdict.FAIL,
+                           f"{path} is missing but ledger_must_exist = true: restore it from "
+                           "backup (a lost ledger would count as nothing spent)")
     existing = _nearest_existing(path.parent)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         return CheckResult("ledger", Verdict.FAIL,
@@ -251,6 +257,20 @@ def _clientapp_port(config: SiteConfig) -> CheckResult:
     return CheckResult("ClientApp port", Verdict.OK, f"127.0.0.1:{port} is free")
 
 
+def _pinned_code(config: SiteConfig) -> CheckResult:
+    path = config.superlink.trusted_entities
+    if path is None:
+        return CheckResult("app publishers", Verdict.WARNING,
+                           "no [superlink] trusted_entities: this site runs whatever ClientApp "
+                           "code the server's app bundle holds, including the code that "
+                           "enforces its budget; pin the publishers you trust")
+    if not path.is_file():
+        return CheckResult("app publishers", Verdict.FAIL,
+                           f"trusted_entities {path} is not a readable file")
+    return CheckResult("app publishers", Verdict.OK,
+                       f"only app bundles signed by the keys in {path} run here")
+
+
 def check_site(config: SiteConfig) -> list[CheckResult]:
     """Check what the site can check alone; prints nothing.
 
@@ -266,7 +286,8 @@ def check_site(config: SiteConfig) -> list[CheckResult]:
         In order: config; data, then (when the data could be read) classes
         (only when a class has no training image), image sizes, skipped files and
         deployment pool (only when missing and shift summaries are allowed);
-        budget, ledger, device, CA certificate, SuperNode key, ClientApp port.
+        budget, ledger, device, CA certificate, SuperNode key, ClientApp port,
+        app publishers.
     """
     results = [CheckResult("config", Verdict.OK,
                            f"{config.source}: site {config.name}, SuperLink "
@@ -274,5 +295,6 @@ def check_site(config: SiteConfig) -> list[CheckResult]:
     data_results, site = _data(config)
     results.extend(data_results)
     results.extend([_budget(config, site), _ledger(config), _device(config),
-                    _ca_certificate(config), _private_key(config), _clientapp_port(config)])
+                    _ca_certificate(config), _private_key(config), _clientapp_port(config),
+                    _pinned_code(config)])
     return results

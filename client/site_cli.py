@@ -137,6 +137,7 @@ def supernode_command(config: SiteConfig, executable: str = SUPERNODE) -> list[s
         The program to put first.
     """
     link = config.superlink
+    trusted = ["--trusted-entities", str(link.trusted_entities)] if link.trusted_entities else []
     return [
         executable,
         "--superlink", link.address,
@@ -145,6 +146,7 @@ def supernode_command(config: SiteConfig, executable: str = SUPERNODE) -> list[s
         "--node-config", node_config_arg(config.node_config()),
         "--isolation", "subprocess",
         "--port", str(link.clientapp_port),
+        *trusted,
     ]
 
 

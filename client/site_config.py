@@ -19,7 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from client.privacy_ledger import COMPOSITIONS
+from client.release_policy import WEIGHTS, SitePolicy
 from common.federation_config import ConfigError
+from common.messages import NON_DP_RELEASES
 from common.site_images import FORMATS
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -68,31 +71,16 @@ class PrivacySettings:
         Per-sample gradient norm bound of DP-SGD; replaces the run's ``clip``.
     ledger : Path
         The privacy ledger file (created on first use).
+    ledger_must_exist : bool (default: False)
+        Refuse to run when the ledger file is missing (set it once the site has
+        released anything: a lost ledger must not count as nothing spent).
     """
 
     epsilon: float
     delta: float
     clip: float
     ledger: Path
-
-
-@dataclass(frozen=True)
-class ReleaseSettings:
-    """``[releases]``: which optional or non-DP releases the site allows.
-
-    Parameters
-    ----------
-    evaluation_metrics : bool (default: True)
-        Metrics on the site's test split (not DP).
-    label_histograms : bool (default: True)
-        DP class counts of the training split sent with the moment summaries.
-    shift_summaries : bool (default: True)
-        DP shift summaries (moments, score histograms of validation and pool).
-    """
-
-    evaluation_metrics: bool = True
-    label_histograms: bool = True
-    shift_summaries: bool = True
+    ledger_must_exist: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,12 +99,18 @@ class SuperLinkSettings:
     clientapp_port : int (default: 9094)
         Local port of the SuperNode's runtime API for its ClientApp processes;
         SuperNodes on one machine need distinct ports.
+    trusted_entities : Path or None (default: None)
+        YAML file of the app publishers' public keys the site trusts (Flower's
+        ``--trusted-entities``): the SuperNode then runs only app bundles signed
+        by them. None: the site runs whatever code the server's bundle holds,
+        including the code that enforces its budget (``site check`` warns).
     """
 
     address: str
     ca_certificate: Path
     private_key: Path
     clientapp_port: int = DEFAULT_CLIENTAPP_PORT
+    trusted_entities: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -127,8 +121,11 @@ class SiteConfig:
     ----------
     name : str
         The site's name: letters, digits, ``.``, ``_``, ``-`` (at most 64).
-    data, privacy, releases, superlink
+    data, privacy, superlink
         The file's tables.
+    policy : SitePolicy
+        ``[releases]`` and ``[limits]``: what the site releases and what a run
+        may ask of it (:class:`client.release_policy.SitePolicy`).
     device : str (default: "auto")
         ``auto`` (CUDA when visible), ``cpu`` or ``cuda``.
     source : Path
@@ -138,7 +135,7 @@ class SiteConfig:
     name: str
     data: DataSettings
     privacy: PrivacySettings
-    releases: ReleaseSettings
+    policy: SitePolicy
     superlink: SuperLinkSettings
     device: str
     source: Path
@@ -154,10 +151,8 @@ class SiteConfig:
             "delta": self.privacy.delta,
             "clip": self.privacy.clip,
             "ledger-path": str(self.privacy.ledger),
-            "allow-metrics": self.releases.evaluation_metrics,
-            "allow-label-histograms": self.releases.label_histograms,
-            "allow-shift-summaries": self.releases.shift_summaries,
             "device": self.device,
+            **self.policy.to_node_config(),
         }
 
 
@@ -249,6 +244,37 @@ def _address(table: _Table) -> str:
     return address
 
 
+def _policy(top: _Table, ledger_must_exist: bool) -> SitePolicy:
+    """``[releases]`` and ``[limits]`` as the site's policy."""
+    defaults = SitePolicy()
+    table = top.table_of("releases", required=False)
+    non_dp = table.get("non_dp", list, [], "a list of release names, e.g. [\"train-loss\"]")
+    unknown = [v for v in non_dp if v not in NON_DP_RELEASES]
+    if unknown:
+        raise table.fail("non_dp", f"unknown release(s) {unknown}; known: "
+                                   f"{', '.join(NON_DP_RELEASES)}")
+    kwargs: dict[str, Any] = {
+        "non_dp": frozenset(non_dp),
+        "weights": table.text("weights", '"equal" or "dp-count"', defaults.weights, WEIGHTS),
+        "count_noise": table.number("count_noise", "a noise std > 0, e.g. 10.0",
+                                    lambda v: v > 0, defaults.count_noise),
+        "max_evaluations": table.integer("max_evaluations", "a whole number >= 0",
+                                         range(0, 10**6), defaults.max_evaluations),
+        "label_histograms": table.flag("label_histograms", defaults.label_histograms),
+        "shift_summaries": table.flag("shift_summaries", defaults.shift_summaries),
+        "composition": table.text("composition", '"sequential" or "parallel-parts"',
+                                  defaults.composition, COMPOSITIONS),
+        "ledger_must_exist": ledger_must_exist,
+    }
+    table.done()
+    table = top.table_of("limits", required=False)
+    for key in ("max_image_size", "max_local_epochs", "max_rounds", "max_moment_layers"):
+        kwargs[key] = table.integer(key, "a whole number >= 1", range(1, 10**6),
+                                    getattr(defaults, key))
+    table.done()
+    return SitePolicy(**kwargs)
+
+
 def load_site_config(path: str | Path) -> SiteConfig:
     """Read and check a site's TOML file.
 
@@ -300,16 +326,10 @@ def load_site_config(path: str | Path) -> SiteConfig:
         clip=table.number("clip", "a finite number > 0 (per-sample gradient norm bound), "
                                   "e.g. 0.1", lambda v: v > 0),
         ledger=table.path("ledger", '"path/to/privacy-ledger.json"'),
+        ledger_must_exist=table.flag("ledger_must_exist", False),
     )
     table.done()
-
-    table = top.table_of("releases", required=False)
-    releases = ReleaseSettings(
-        evaluation_metrics=table.flag("evaluation_metrics", True),
-        label_histograms=table.flag("label_histograms", True),
-        shift_summaries=table.flag("shift_summaries", True),
-    )
-    table.done()
+    policy = _policy(top, privacy.ledger_must_exist)
 
     table = top.table_of("superlink", required=True)
     superlink = SuperLinkSettings(
@@ -318,8 +338,10 @@ def load_site_config(path: str | Path) -> SiteConfig:
         private_key=table.path("private_key", '"path/to/supernode-key" (OpenSSH EC key)'),
         clientapp_port=table.integer("clientapp_port", "a port number in 1..65535",
                                      range(1, 65536), DEFAULT_CLIENTAPP_PORT),
+        trusted_entities=(table.path("trusted_entities", '"path/to/trusted-entities.yaml"')
+                          if "trusted_entities" in table.raw else None),
     )
     table.done()
     top.done()
-    return SiteConfig(name=name, data=data, privacy=privacy, releases=releases,
+    return SiteConfig(name=name, data=data, privacy=privacy, policy=policy,
                       superlink=superlink, device=device, source=source)

@@ -8,20 +8,28 @@ set its own budget and ledger (``epsilon``, ``delta``, ``ledger-path``); it
 refuses runs with DP turned off, so the server can neither raise the budget nor
 move the ledger (a fresh ledger would forget what was spent). Wherever the node
 config sets ``epsilon``, ``delta`` or ``clip``, they replace the run config's.
+
+What the site releases and the limits on what a run may ask of it are its
+:class:`client.release_policy.SitePolicy`: from the node config for a deployed
+site, from the simulation for a simulated one; a run beyond the limits is
+refused before any data is read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from client.privacy_ledger import PrivacyLedger
+from client.release_policy import SitePolicy
+from client.reply_archive import ReplyArchive
 from common.federated_data import SiteData, load_federation, site_name
 from common.federation_config import ConfigError, FederationConfig
+from common.messages import SITE_NAME_PATTERN
 from common.site_images import load_site_images
 
 SiteLoader = Callable[[FederationConfig], Sequence[SiteData]]
@@ -36,8 +44,8 @@ class SiteRuntime:
 
     ``cfg`` is the run's config with the site's own ``epsilon``, ``delta`` and
     ``clip`` in force; ``skipped_images`` counts the site's image files that could
-    not be read (0 for simulated sites); the ``allow_*`` flags say which optional
-    releases the site allows.
+    not be read (0 for simulated sites); ``policy`` says what the site releases;
+    ``archive`` keeps the replies it sent (runs with DP).
     """
 
     name: str
@@ -45,10 +53,9 @@ class SiteRuntime:
     data: SiteData
     ledger: PrivacyLedger | None
     device: torch.device
-    allow_metrics: bool
     run_key: str
-    allow_label_histograms: bool = True
-    allow_shift_summaries: bool = True
+    policy: SitePolicy = field(default_factory=SitePolicy)
+    archive: ReplyArchive | None = None
     skipped_images: int = 0
 
 
@@ -61,10 +68,6 @@ def resolve_device(value: str) -> torch.device:
     if value not in ("cuda", "cpu"):
         raise ConfigError(f"device must be auto, cuda or cpu, got {value!r}")
     return torch.device(value)
-
-
-def _flag(value: Any) -> bool:
-    return value if isinstance(value, bool) else str(value).lower() in ("true", "1", "yes")
 
 
 def _site_budget(cfg: FederationConfig, node_config: dict[str, Any]) -> FederationConfig:
@@ -109,7 +112,8 @@ def _deployed_data(cfg: FederationConfig, node_config: dict[str, Any]
 
 
 def resolve_site(cfg: FederationConfig, node_config: dict[str, Any], run_key: str,
-                 load_sites: SiteLoader = load_federation) -> SiteRuntime:
+                 load_sites: SiteLoader = load_federation,
+                 policy: SitePolicy | None = None) -> SiteRuntime:
     """Build the site's runtime.
 
     Parameters
@@ -123,6 +127,9 @@ def resolve_site(cfg: FederationConfig, node_config: dict[str, Any], run_key: st
         Identifies the run in the ledger.
     load_sites : SiteLoader (default: load_federation)
         The simulated sites' data for a config (simulated sites only).
+    policy : SitePolicy or None (default: None)
+        A simulated site's policy; None: the node config's (defaults where it
+        sets none). A deployed site always uses its node config's.
 
     Raises
     ------
@@ -135,24 +142,30 @@ def resolve_site(cfg: FederationConfig, node_config: dict[str, Any], run_key: st
     """
     cfg = _site_budget(cfg, node_config)
     deployed = "data-path" in node_config
+    if deployed or policy is None:
+        policy = SitePolicy.from_node_config(node_config)
+    policy.check_run(cfg)
     if deployed:
         name, data, skipped = _deployed_data(cfg, node_config)
     else:
         name, data, skipped = _simulated_data(cfg, node_config, load_sites)
+    if not SITE_NAME_PATTERN.fullmatch(name):
+        raise ConfigError(f"site name {name!r} must be 1 to 64 letters, digits, '.', '_' or '-', "
+                          "starting with a letter or digit (it names the site's files)")
     if data.num_classes > cfg.num_classes or data.in_channels != cfg.in_channels:
         raise ConfigError(
             f"site data has {data.num_classes} classes and {data.in_channels} channels but the "
             f"run expects num-classes={cfg.num_classes}, in-channels={cfg.in_channels}"
         )
-    ledger = None
+    ledger = archive = None
     if cfg.dp:
-        path = node_config.get("ledger-path") or Path(cfg.state_dir) / "ledgers" / f"{name}.json"
-        ledger = PrivacyLedger(Path(path), cfg.epsilon, cfg.delta)
+        path = Path(node_config.get("ledger-path")
+                    or Path(cfg.state_dir) / "ledgers" / f"{name}.json")
+        ledger = PrivacyLedger(path, cfg.epsilon, cfg.delta, policy.composition,
+                               policy.ledger_must_exist)
+        archive = ReplyArchive(path.parent / "replies" / f"{name}-{run_key}")
     return SiteRuntime(
         name=name, cfg=cfg, data=data, ledger=ledger,
-        device=resolve_device(str(node_config.get("device", "auto"))),
-        allow_metrics=_flag(node_config.get("allow-metrics", True)), run_key=run_key,
-        allow_label_histograms=_flag(node_config.get("allow-label-histograms", True)),
-        allow_shift_summaries=_flag(node_config.get("allow-shift-summaries", True)),
-        skipped_images=skipped,
+        device=resolve_device(str(node_config.get("device", "auto"))), run_key=run_key,
+        policy=policy, archive=archive, skipped_images=skipped,
     )

@@ -1,4 +1,9 @@
-"""What a site does for a train or evaluate message, Flower aside."""
+"""What a site does for a train or evaluate message, Flower aside.
+
+Every DP release is checked against the run's noise plan and charged to the
+site's ledger before its reply is built; every non-DP value goes out only where
+the site's policy names its release, and the ledger records it.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,8 @@ import logging
 import time
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord
+import numpy as np
+from flwr.app import ArrayRecord
 
 from client.local_training import (
     LocalTrainingConfig,
@@ -15,14 +21,15 @@ from client.local_training import (
     train_locally,
 )
 from client.personal_params import apply_personal, personal_path, save_personal
-from client.privacy_ledger import BudgetExceeded, NoisePlan
+from client.privacy_ledger import BudgetExceeded, NoisePlan, Reservation
 from client.site_runtime import SiteRuntime
 from common.classification_metrics import classification_metrics
 from common.federation_config import ConfigError
+from common.messages import NON_DP_RELEASES, EvaluateReply, Request, TrainReply
 from common.model_surgery import FedShiftModel, build_model
 from common.prediction import predict_probs
 from common.privacy_accounting import GaussianRelease, noise_for_budget
-from common.private_summaries import class_sums_release
+from common.private_summaries import class_sums_release, noisy_histogram
 from common.trainable_arrays import load_trainable_arrays, trainable_arrays
 
 logger = logging.getLogger(__name__)
@@ -49,58 +56,166 @@ def _trained(site: SiteRuntime, model: FedShiftModel) -> ArrayRecord:
     return trainable_arrays(model)
 
 
-def training_config(site: SiteRuntime, config: ConfigRecord) -> LocalTrainingConfig:
+def training_config(site: SiteRuntime, request: Request) -> LocalTrainingConfig:
     cfg = site.cfg
-    round_ = max(1, int(config.get("server-round", 1)))
     return LocalTrainingConfig(
         epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-        lr=cfg.lr * cfg.lr_decay ** (round_ - 1), optimizer=cfg.optimizer,
-        clip=cfg.clip, proximal_mu=float(config.get("proximal-mu", 0.0)),
+        lr=cfg.lr * cfg.lr_decay ** (request.server_round - 1), optimizer=cfg.optimizer,
+        clip=cfg.clip, proximal_mu=request.proximal_mu,
     )
 
 
-def noise_plan(site: SiteRuntime, num_examples: int, train_cfg: LocalTrainingConfig) -> NoisePlan:
-    """The run's noise plan: fixed at the site's first round so the planned run fits its budget."""
+def reservations(site: SiteRuntime) -> tuple[Reservation, ...]:
+    """The releases besides DP-SGD a run may make at this site, within its policy."""
+    cfg, policy = site.cfg, site.policy
+    out = []
+    shift = cfg.shift and policy.shift_summaries
+    if shift and policy.label_histograms:
+        out.append(Reservation("moments", "train",
+                               class_sums_release(cfg.moment_noise).noise_multiplier,
+                               cfg.num_rounds))
+    if policy.weights == "dp-count":
+        out.append(Reservation("count", "train", policy.count_noise, 1))
+    evaluations = min(policy.max_evaluations, cfg.evaluations)
+    if evaluations:
+        out.append(Reservation("evaluation", "test", cfg.evaluation_noise, evaluations))
+    if shift:
+        out.append(Reservation("score-histogram", "validation", cfg.histogram_noise, 1))
+        if len(site.data.labels.get("pool", ())):
+            out.append(Reservation("score-histogram", "deployment", cfg.histogram_noise, 1))
+    return tuple(out)
+
+
+def noise_plan(site: SiteRuntime) -> NoisePlan:
+    """The run's noise plan: fixed with the run's first release, so the whole run fits.
+
+    The releases the run may make besides DP-SGD (:func:`reservations`) are set
+    aside first; DP-SGD's noise multiplier is the smallest that fits what is left.
+    """
     assert site.ledger is not None
     existing = site.ledger.plan(site.run_key)
     if existing is not None:
         return existing
+    ledger = site.ledger
+    num_examples = len(site.data.labels["train"])
+    train_cfg = training_config(site, Request(server_round=1, run_key=site.run_key))
     steps = steps_per_round(num_examples, train_cfg)
     sample_rate = poisson_sample_rate(num_examples, train_cfg.batch_size)
-    moment_noise = site.cfg.moment_noise if site.cfg.shift else 0.0
-    reserved = [class_sums_release(moment_noise, site.cfg.num_rounds)] if moment_noise else []
+    reserved = reservations(site)
+    composing = [r.release(r.releases) for r in reserved
+                 if ledger.composition == "sequential" or r.part == "train"]
     try:
-        sigma = noise_for_budget(
-            site.ledger.target_epsilon, site.ledger.delta, sample_rate,
-            steps * site.cfg.num_rounds, spent=[*site.ledger.releases("train"), *reserved],
-        )
+        sigma = noise_for_budget(ledger.target_epsilon, ledger.delta, sample_rate,
+                                 steps * site.cfg.num_rounds,
+                                 spent=[*ledger.composing_with("train"), *composing])
     except ValueError as exc:
-        raise BudgetExceeded(f"cannot plan the run's training: {exc}") from exc
+        raise BudgetExceeded(
+            f"cannot plan the run: {exc} (the run reserves {_describe(reserved)} besides "
+            "DP-SGD; fewer evaluations or noisier summaries leave more for training)"
+        ) from exc
     plan = NoisePlan(noise_multiplier=sigma, sample_rate=sample_rate, steps_per_round=steps,
-                     planned_rounds=site.cfg.num_rounds, moment_noise=moment_noise)
-    logger.info("%s: noise multiplier %.3f for %d rounds x %d steps at sample rate %.4f "
-                "(moment noise %g reserved)", site.name, sigma, plan.planned_rounds, steps,
-                sample_rate, moment_noise)
-    return site.ledger.fix_plan(site.run_key, plan)
+                     planned_rounds=site.cfg.num_rounds,
+                     moment_noise=site.cfg.moment_noise if site.cfg.shift else 0.0,
+                     reserved=reserved)
+    whole = [(GaussianRelease(sigma, sample_rate, steps * plan.planned_rounds), "train"),
+             *[(r.release(r.releases), r.part) for r in reserved]]
+    if ledger.epsilon_after(whole) > ledger.target_epsilon + 1e-9:
+        raise BudgetExceeded(f"cannot plan the run: its reserved releases "
+                             f"({_describe(reserved)}) do not fit the budget left")
+    logger.info("%s: noise multiplier %.3f for %d rounds x %d steps at sample rate %.4f; "
+                "reserved %s", site.name, sigma, plan.planned_rounds, steps, sample_rate,
+                _describe(reserved))
+    return plan
 
 
-def train_site(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord
-               ) -> tuple[ArrayRecord, dict[str, float | int]]:
-    """One round of local training; the update and its metrics, privacy charged."""
-    round_ = int(config.get("server-round", 0))
+def _describe(reserved: tuple[Reservation, ...]) -> str:
+    return ", ".join(f"{r.releases} {r.mechanism} on {r.part} at noise {r.noise_multiplier:.3g}"
+                     for r in reserved) or "nothing"
+
+
+def reserved_release(site: SiteRuntime, plan: NoisePlan, mechanism: str, part: str,
+                     what: str) -> GaussianRelease:
+    """The next release of ``mechanism`` on ``part``, if the plan has one left that fits."""
+    assert site.ledger is not None
+    reservation = plan.reservation(mechanism, part)
+    if reservation is None:
+        raise BudgetExceeded(
+            f"refused {what}: this run's noise plan reserved no budget for it (the site's "
+            "policy or the run config had it off when the run began); nothing was sent"
+        )
+    done = len(site.ledger.made(site.run_key, mechanism, part))
+    if done >= reservation.releases:
+        raise BudgetExceeded(
+            f"refused {what}: the run's plan reserved {reservation.releases} and {done} "
+            "were released already; nothing was sent"
+        )
+    release = reservation.release()
+    site.ledger.check(release, what, part)
+    return release
+
+
+def rng() -> np.random.Generator:
+    return np.random.default_rng()
+
+
+def _weight(site: SiteRuntime, plan: NoisePlan | None, round_: int) -> float:
+    """The update's aggregation weight, as the site's policy has it."""
+    n = len(site.data.labels["train"])
+    if site.policy.weights == "dp-count" and site.ledger is not None and plan is not None:
+        earlier = site.ledger.made(site.run_key, "count", "train")
+        if earlier and earlier[0].value is not None:
+            return earlier[0].value
+        what = "DP training record count"
+        release = reserved_release(site, plan, "count", "train", what)
+        value = float(max(1.0, n + rng().normal(0.0, release.noise_multiplier)))
+        site.ledger.charge(release, site.run_key, round_, what, "train", "count", plan, value)
+        return value
+    if site.policy.allows("example-count"):
+        return float(n)
+    return 1.0
+
+
+def allowed_extras(site: SiteRuntime, round_: int, values: dict[str, float]
+                    ) -> dict[str, float]:
+    """The non-DP values the site's policy allows, each release recorded in the ledger."""
+    out = {}
+    for release, keys in NON_DP_RELEASES.items():
+        chosen = {k: v for k, v in values.items()
+                  if k in keys or any(k.startswith(p) for p in keys if p.endswith("."))}
+        if chosen and site.policy.allows(release):
+            out.update(chosen)
+            if site.ledger is not None:
+                site.ledger.record_allowed(site.run_key, round_, ", ".join(sorted(chosen)),
+                                           f"release {release}")
+    return out
+
+
+def train_site(site: SiteRuntime, arrays: ArrayRecord, request: Request) -> TrainReply:
+    """One round of local training; the update, privacy charged."""
+    round_ = request.server_round
     images, labels = site.data.images["train"], site.data.labels["train"]
-    train_cfg = training_config(site, config)
-    metrics: dict[str, float | int] = {"num-examples": len(labels)}
+    train_cfg = training_config(site, request)
     start = time.perf_counter()
+    extras: dict[str, float] = {"num-examples": len(labels),
+                                "skipped-images": site.skipped_images}
     if site.ledger is None:
         model = site_model(site, arrays)
         outcome = train_locally(model, images, labels, train_cfg, None, site.device)
-        metrics.update({"train-loss": outcome.mean_loss, "steps": outcome.steps,
-                        "compute-seconds": time.perf_counter() - start})
-        return _trained(site, model), metrics
-    plan = noise_plan(site, len(labels), train_cfg)
+        extras.update({"train-loss": outcome.mean_loss,
+                       "compute-seconds": time.perf_counter() - start})
+        return TrainReply(_trained(site, model), _weight(site, None, round_), site.name,
+                          allowed_extras(site, round_, extras))
+    plan = noise_plan(site)
     release = GaussianRelease(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
     what = f"DP-SGD round {round_}"
+    trained = site.ledger.made(site.run_key, "dp-sgd")
+    if any(e.round == round_ for e in trained):
+        raise BudgetExceeded(f"refused {what}: this run trained and charged round {round_} "
+                             "already; nothing was trained or sent")
+    if len(trained) >= plan.planned_rounds:
+        raise BudgetExceeded(f"refused {what}: the run's noise plan covers "
+                             f"{plan.planned_rounds} rounds of training, all of them done; "
+                             "nothing was trained or sent")
     steps = steps_per_round(len(labels), train_cfg)
     sample_rate = poisson_sample_rate(len(labels), train_cfg.batch_size)
     if (steps, sample_rate) != (plan.steps_per_round, plan.sample_rate):
@@ -111,35 +226,42 @@ def train_site(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord
             "charges; restore the run's local-epochs and batch-size"
         )
     site.ledger.check(release, what)
+    weight = _weight(site, plan, round_)
     model = site_model(site, arrays)
     outcome = train_locally(model, images, labels, train_cfg, plan.noise_multiplier, site.device)
     if outcome.steps != plan.steps_per_round:
         raise RuntimeError(
             f"took {outcome.steps} steps but planned {plan.steps_per_round}; nothing is sent"
         )
-    epsilon = site.ledger.charge(release, site.run_key, round_, what)
-    site.ledger.record_allowed(site.run_key, round_, "training example count",
-                               "example-weighted aggregation")
-    metrics.update({
-        "compute-seconds": time.perf_counter() - start,
-        "train-loss": outcome.mean_loss, "steps": site.ledger.steps_taken(site.run_key),
-        "epsilon-spent": epsilon, "delta": site.ledger.delta,
-        "noise-multiplier": plan.noise_multiplier, "sample-rate": plan.sample_rate,
-    })
-    return _trained(site, model), metrics
+    site.ledger.charge(release, site.run_key, round_, what, plan=plan)
+    extras.update({"train-loss": outcome.mean_loss,
+                   "compute-seconds": time.perf_counter() - start})
+    return TrainReply(_trained(site, model), weight, site.name,
+                      allowed_extras(site, round_, extras))
 
 
-def evaluate_site(site: SiteRuntime, arrays: ArrayRecord, config: ConfigRecord
-                  ) -> dict[str, float | int]:
-    """Metrics of the global model on the site's test split (a release the site allows)."""
+def evaluate_site(site: SiteRuntime, arrays: ArrayRecord, request: Request) -> EvaluateReply:
+    """DP-noised confusion counts of the global model on the site's test split (charged)."""
     start = time.perf_counter()
+    round_ = request.server_round
+    k = site.cfg.num_classes
+    what = f"evaluation round {round_}"
+    plan = release = None
+    if site.ledger is not None:
+        plan = noise_plan(site)
+        release = reserved_release(site, plan, "evaluation", "test", what)
     model = site_model(site, arrays)
     labels = site.data.labels["test"].numpy()
     probs = predict_probs(model, site.data.images["test"], site.device)
-    metrics: dict[str, float | int] = {"num-examples": len(labels)}
-    metrics.update(classification_metrics(labels, probs))
-    metrics["compute-seconds"] = time.perf_counter() - start
-    if site.ledger is not None:
-        site.ledger.record_allowed(site.run_key, int(config.get("server-round", 0)),
-                                   "test-set evaluation metrics", "allow-metrics")
-    return metrics
+    confusion = np.zeros((k, k))
+    np.add.at(confusion, (labels, probs.argmax(axis=1)), 1.0)
+    noise_std = 0.0
+    if site.ledger is not None and release is not None:
+        noisy, release = noisy_histogram(confusion, release.noise_multiplier, rng())
+        confusion, noise_std = noisy, release.noise_multiplier
+        site.ledger.charge(release, site.run_key, round_, what, "test", "evaluation", plan)
+    exact = classification_metrics(labels, probs)
+    extras = {key: exact[key] for key in ("accuracy", "balanced_accuracy", "auroc", "loss")}
+    extras.update({"num-examples": len(labels), "skipped-images": site.skipped_images,
+                   "compute-seconds": time.perf_counter() - start})
+    return EvaluateReply(confusion, noise_std, site.name, allowed_extras(site, round_, extras))

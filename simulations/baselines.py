@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord
 
 from client.privacy_ledger import PrivacyLedger
 from client.site_runtime import SiteRuntime, resolve_device, resolve_site
-from client.site_work import evaluate_site, site_model, train_site
+from client.site_work import site_model, train_site
 from common.federated_data import SiteData
 from common.federation_config import FederationConfig
+from common.messages import Request
 from common.model_surgery import FedShiftModel, build_model
 from common.trainable_arrays import full_model_bytes, trainable_arrays
 from server.run_records import FINAL_ARRAYS_FILE, save_arrays, write_json
@@ -37,21 +38,26 @@ POOLED = "pooled"
 LOCAL_DIR = "local"
 
 
+def alone(cfg: FederationConfig) -> FederationConfig:
+    """``cfg`` for a holder that trains alone: no federated evaluation or shift summaries,
+    so its plan reserves nothing for them and all its budget goes to training."""
+    return cfg.replace(shift=False, evaluations=0)
+
+
 def train_alone(site: SiteRuntime) -> ArrayRecord:
     """Train from the pretrained model for the run's rounds; the final parameters."""
     arrays = trainable_arrays(build_model(site.cfg.model_spec()))
     for server_round in range(1, site.cfg.num_rounds + 1):
-        arrays, _ = train_site(site, arrays, ConfigRecord({"server-round": server_round}))
+        arrays = train_site(site, arrays, Request(server_round, site.run_key)).arrays
     return arrays
 
 
-def _history(cfg: FederationConfig, run_key: str, evaluations: dict[str, dict[str, Any]],
-             bytes_per_round: int | None) -> dict[str, Any]:
+def _history(cfg: FederationConfig, run_key: str, bytes_per_round: int | None
+             ) -> dict[str, Any]:
     model = build_model(cfg.model_spec())
     return {
         "run_key": run_key,
-        "rounds": [{"round": cfg.num_rounds, "sites": {
-            name: {"evaluate": metrics} for name, metrics in evaluations.items()}}],
+        "rounds": [],
         "bytes_per_round_per_site": bytes_per_round,
         "full_model_bytes": full_model_bytes(model),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -72,15 +78,13 @@ def run_local_only(cfg: FederationConfig, sites: tuple[SiteData, ...],
     ledger to ``state_dir/ledgers/<site>.json``, as in a federated run.
     """
     run_key = uuid.uuid4().hex
-    evaluations: dict[str, dict[str, Any]] = {}
     models: dict[str, FedShiftModel] = {}
     for index, data in enumerate(sites):
-        site = resolve_site(cfg, {"partition-id": index}, run_key, lambda _: sites)
+        site = resolve_site(alone(cfg), {"partition-id": index}, run_key, lambda _: sites)
         arrays = train_alone(site)
         save_arrays(Path(cfg.state_dir) / LOCAL_DIR / f"{data.name}.npz", arrays)
-        evaluations[data.name] = evaluate_site(site, arrays, ConfigRecord())
         models[data.name] = site_model(site, arrays)
-    results = collect_results(cfg, _history(cfg, run_key, evaluations, 0), sites,
+    results = collect_results(cfg, _history(cfg, run_key, 0), sites,
                               lambda site: models[site.name])
     return _written(results, out_dir)
 
@@ -107,18 +111,14 @@ def run_centralised(cfg: FederationConfig, sites: tuple[SiteData, ...],
     ledger_path = Path(cfg.state_dir) / "ledgers" / f"{POOLED}.json"
     device = resolve_device("auto")
     holder = SiteRuntime(
-        name=POOLED, cfg=cfg, data=pooled,
+        name=POOLED, cfg=alone(cfg), data=pooled,
         ledger=PrivacyLedger(ledger_path, cfg.epsilon, cfg.delta) if cfg.dp else None,
-        device=device, allow_metrics=True, run_key=run_key,
+        device=device, run_key=run_key,
     )
     arrays = train_alone(holder)
     save_arrays(Path(cfg.state_dir) / FINAL_ARRAYS_FILE, arrays)
     model = site_model(holder, arrays)
-    scored = {s.name: SiteRuntime(name=s.name, cfg=cfg, data=s, ledger=None, device=device,
-                                  allow_metrics=True, run_key=run_key) for s in sites}
-    evaluations = {name: evaluate_site(site, arrays, ConfigRecord())
-                   for name, site in scored.items()}
-    results = collect_results(cfg, _history(cfg, run_key, evaluations, None), sites,
+    results = collect_results(cfg, _history(cfg, run_key, None), sites,
                               lambda _: model)
     if cfg.dp:
         figures = ledger_figures(ledger_path, cfg)

@@ -18,6 +18,7 @@ from common.image_datasets import dataset_channels, load_image_dataset
 from common.medmnist_files import DataFileError
 from common.transfer_mode import MODES_HELP
 from server.credentials_cli import add_credentials_parser, run_credentials
+from server.dev_credentials import CredentialsExistError
 from simulations.report_command import add_report_parser, run_report
 from simulations.study_command import add_study_parser, run_study_command
 
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "study":
             return run_study_command(args)
         return _simulate(args)
-    except (ConfigError, BackboneError, DataFileError) as exc:
+    except (ConfigError, BackboneError, DataFileError, CredentialsExistError) as exc:
         print(f"fedshift: error: {exc}", file=sys.stderr)
         return 2
 

@@ -23,6 +23,7 @@ import torch
 
 from client.app import make_client_app
 from client.privacy_ledger import PARTS, PrivacyLedger
+from client.release_policy import SitePolicy
 from client.site_runtime import resolve_device, resolve_site
 from client.site_work import site_model
 from common.classification_metrics import classification_metrics
@@ -92,13 +93,18 @@ def simulated_sites(cfg: FederationConfig) -> SimulatedSites:
     return SimulatedSites(sites, truths)
 
 
-def _site_results(cfg: FederationConfig, history: dict[str, Any],
-                  sites: tuple[SiteData, ...]) -> list[dict[str, Any]]:
-    last_eval: dict[str, dict] = {}
-    for entry in history["rounds"]:
-        for name, phases in entry["sites"].items():
-            if "evaluate" in phases:
-                last_eval[name] = phases["evaluate"]
+SiteModel = Callable[[SiteData], FedShiftModel]
+
+
+def _site_results(cfg: FederationConfig, sites: tuple[SiteData, ...],
+                  model_for: SiteModel) -> list[dict[str, Any]]:
+    """Per site: its privacy figures from its ledger, and its test metrics scored here.
+
+    The simulation holds every site's data, so it scores each site's model on the
+    site's test split exactly (the ground truth); what the sites release to the
+    server is DP and charged, and goes to the history.
+    """
+    device = resolve_device("auto")
     rows = []
     for site in sites:
         row: dict[str, Any] = {"name": site.name, "epsilon_spent": None, "delta": None,
@@ -106,8 +112,10 @@ def _site_results(cfg: FederationConfig, history: dict[str, Any],
         ledger_path = Path(cfg.state_dir) / "ledgers" / f"{site.name}.json"
         if cfg.dp and ledger_path.exists():
             row.update(ledger_figures(ledger_path, cfg))
-        evaluated = last_eval.get(site.name, {})
-        row["test"] = {k: evaluated.get(k) for k in (*TEST_METRICS, "loss")}
+        labels = site.labels["test"].numpy()
+        metrics = classification_metrics(labels, predict_probs(model_for(site),
+                                                                site.images["test"], device))
+        row["test"] = {k: metrics[k] for k in (*TEST_METRICS, "loss")}
         row["train_size"] = len(site.labels["train"])
         row["test_size"] = len(site.labels["test"])
         row["class_prior"] = torch.bincount(site.labels["train"], minlength=site.num_classes
@@ -125,14 +133,12 @@ def ledger_figures(ledger_path: Path, cfg: FederationConfig) -> dict[str, Any]:
     return {
         "epsilon_spent": ledger.epsilon_spent(), "delta": ledger.delta,
         "epsilon_by_part": {p: ledger.epsilon_spent(p) for p in PARTS},
+        "composition": ledger.composition,
         "noise_multiplier": sgd[-1]["noise_multiplier"] if sgd else None,
         "sample_rate": sgd[-1]["sample_rate"] if sgd else None,
         "steps": sum(e["steps"] for e in sgd),
         "ledger": str(ledger_path),
     }
-
-
-SiteModel = Callable[[SiteData], FedShiftModel]
 
 
 def pooled_test(sites: tuple[SiteData, ...], model_for: SiteModel) -> dict[str, float]:
@@ -164,7 +170,7 @@ def collect_results(cfg: FederationConfig, history: dict[str, Any],
     """A run's results: settings, per-site figures, pooled test metrics and history."""
     results = {
         "config": cfg.to_flower(),
-        "sites": _site_results(cfg, history, sites),
+        "sites": _site_results(cfg, sites, model_for),
         "pooled_test": pooled_test(sites, model_for),
         "rounds": history["rounds"],
         "bytes_per_round_per_site": history["bytes_per_round_per_site"],
@@ -178,15 +184,23 @@ def collect_results(cfg: FederationConfig, history: dict[str, Any],
     return results
 
 
+SIMULATED_POLICY = SitePolicy(non_dp=frozenset({"timing", "audit-metrics"}))
+"""What simulated sites release: a deployed site's defaults, plus their compute time
+(for the benchmarks) and metrics on their deployment pools' audit labels (which only
+simulations have)."""
+
+
 def simulate(cfg: FederationConfig, out_dir: Path | None = None,
              on_round: RoundCallback | None = None,
-             simulated: SimulatedSites | None = None) -> dict[str, Any]:
+             simulated: SimulatedSites | None = None,
+             policy: SitePolicy = SIMULATED_POLICY) -> dict[str, Any]:
     """Run the federation ``cfg`` describes; return (and write to ``out_dir``) its results.
 
     ``cfg.state_dir`` receives the server's history, final parameters and the
     simulated sites' ledgers; it should be a fresh directory per run (ledgers
     there carry privacy spent over from earlier runs). ``simulated`` replaces the
-    sites ``cfg`` would build (studies pass sites with injected shifts).
+    sites ``cfg`` would build (studies pass sites with injected shifts); ``policy``
+    is every simulated site's release policy.
     """
     cfg = scenario_config(cfg)
     simulated = simulated or simulated_sites(cfg)
@@ -196,7 +210,7 @@ def simulate(cfg: FederationConfig, out_dir: Path | None = None,
         warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
         run_simulation(
             server_app=make_server_app(cfg, on_round),
-            client_app=make_client_app(cfg, lambda _: simulated.sites),
+            client_app=make_client_app(cfg, lambda _: simulated.sites, policy),
             num_supernodes=cfg.num_sites,
             backend_config=backend_config(cfg),
         )
@@ -228,8 +242,8 @@ def progress_callback(total_rounds: int) -> tuple[RoundCallback, Callable[[], No
     bar = tqdm(total=total_rounds, desc="rounds", unit="round")
 
     def on_round(entry: dict[str, Any]) -> None:
-        auroc = entry["evaluate"].get("auroc")
-        bar.set_postfix(auroc=f"{auroc:.3f}" if isinstance(auroc, float) else "n/a",
+        accuracy = entry.get("evaluate", {}).get("balanced_accuracy")
+        bar.set_postfix(dp_bal_acc=f"{accuracy:.3f}" if isinstance(accuracy, float) else "n/a",
                         refused=len(entry["refused"]))
         bar.update(1)
 

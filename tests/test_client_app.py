@@ -21,7 +21,7 @@ from client.privacy_ledger import PrivacyLedger
 from common.federated_data import load_federation
 from common.federation_config import FederationConfig
 from common.model_surgery import build_model
-from common.privacy_accounting import epsilon_spent
+from common.privacy_accounting import GaussianRelease, epsilon_spent
 from common.trainable_arrays import trainable_arrays
 from tests.site_files import write_class_tree
 
@@ -49,21 +49,25 @@ def _send(cfg: FederationConfig, message_type: str, arrays: ArrayRecord, round_:
     return app(msg, context)
 
 
-def test_train_reply_carries_only_trainable_arrays_and_charged_epsilon(
+def test_train_reply_carries_only_trainable_arrays_and_an_equal_weight(
     cfg: FederationConfig,
 ) -> None:
     initial = trainable_arrays(build_model(cfg.model_spec()))
     reply = _send(cfg, MessageType.TRAIN, initial, 1)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     assert set(reply.content["arrays"].keys()) == set(initial.keys())
-    metrics = reply.content["metrics"]
+    assert dict(reply.content["metrics"]) == {"weight": 1.0}
     ledger = PrivacyLedger(Path(cfg.state_dir) / "ledgers" / "site-1.json", 2.0, cfg.delta)
-    [entry] = [e for e in ledger.entries() if e["kind"] == "gaussian"]
-    assert metrics["epsilon-spent"] == pytest.approx(epsilon_spent(ledger.releases(), cfg.delta))
-    assert metrics["noise-multiplier"] == entry["noise_multiplier"]
-    assert metrics["sample-rate"] == entry["sample_rate"]
-    assert metrics["steps"] == entry["steps"] > 0
-    assert 0.9 * cfg.epsilon < metrics["epsilon-spent"] <= cfg.epsilon
+    [entry] = [e for e in ledger.entries() if e.kind == "gaussian"]
+    plan = ledger.plan("42")
+    assert plan is not None and entry.noise_multiplier == plan.noise_multiplier
+    assert entry.steps == plan.steps_per_round > 0
+    # The plan reserved every other release of the run before sizing DP-SGD's noise:
+    # the whole run spends at most the budget.
+    whole = [GaussianRelease(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round),
+             *[r.release(r.releases) for r in plan.reserved]]
+    assert 0.95 * cfg.epsilon < epsilon_spent(whole, cfg.delta) <= cfg.epsilon
+    assert {r.mechanism for r in plan.reserved} == {"moments", "evaluation", "score-histogram"}
 
 
 def test_round_beyond_the_budget_is_refused_and_nothing_is_spent(cfg: FederationConfig) -> None:
@@ -74,7 +78,7 @@ def test_round_beyond_the_budget_is_refused_and_nothing_is_spent(cfg: Federation
     reply = _send(cfg, MessageType.TRAIN, initial, 2)
     assert reply.has_error()
     assert reply.error.code == ERROR_BUDGET_EXCEEDED
-    assert "above its budget of 2" in reply.error.reason
+    assert "noise plan covers 1 rounds" in reply.error.reason
     assert ledger_path.read_text() == before
 
 
@@ -98,14 +102,23 @@ def test_training_settings_that_break_the_noise_plan_are_refused(cfg: Federation
     assert ledger_path.read_text() == before
 
 
-def test_evaluation_metrics_only_where_the_site_allows_them(cfg: FederationConfig) -> None:
+def test_evaluation_is_dp_by_default_and_exact_metrics_only_where_the_site_allows_them(
+        cfg: FederationConfig) -> None:
     initial = trainable_arrays(build_model(cfg.model_spec()))
-    allowed = _send(cfg, MessageType.EVALUATE, initial, 1)
+    dp = _send(cfg, MessageType.EVALUATE, initial, 1)
+    assert set(dp.content["metrics"].keys()) == {"confusion", "confusion-noise-std"}
+    assert dp.content["metrics"]["confusion-noise-std"] == cfg.evaluation_noise
+    ledger = PrivacyLedger(Path(cfg.state_dir) / "ledgers" / "site-1.json", 2.0, cfg.delta)
+    [entry] = ledger.entries()
+    assert (entry.part, entry.mechanism, entry.noise_multiplier) == (
+        "test", "evaluation", cfg.evaluation_noise)
+    allowed = _send(cfg, MessageType.EVALUATE, initial, 1,
+                    {"partition-id": 0, "release-non-dp": "evaluation-metrics"})
     assert {"accuracy", "balanced_accuracy", "auroc", "num-examples"} <= set(
         allowed.content["metrics"].keys())
-    refused = _send(cfg, MessageType.EVALUATE, initial, 1,
-                    {"partition-id": 1, "allow-metrics": False})
-    assert refused.error.code == ERROR_NOT_ALLOWED
+    other = PrivacyLedger(Path(cfg.state_dir) / "ledgers" / "site-0.json", 2.0, cfg.delta)
+    assert [e.allowed_by for e in other.entries() if e.kind == "allowed"] == [
+        "release evaluation-metrics"]
 
 
 def test_arrays_for_another_model_are_refused(cfg: FederationConfig) -> None:
@@ -115,7 +128,7 @@ def test_arrays_for_another_model_are_refused(cfg: FederationConfig) -> None:
     assert "same backbone and transfer mode" in reply.error.reason
     assert not (Path(cfg.state_dir) / "ledgers" / "site-1.json").exists() or not [
         e for e in PrivacyLedger(Path(cfg.state_dir) / "ledgers" / "site-1.json", 2.0,
-                                 cfg.delta).entries() if e["kind"] == "gaussian"]
+                                 cfg.delta).entries() if e.kind == "gaussian"]
 
 
 def test_the_servers_run_key_keeps_the_ledger_on_one_run_across_flower_runs(
@@ -127,10 +140,9 @@ def test_the_servers_run_key_keeps_the_ledger_on_one_run_across_flower_runs(
     second = _send(cfg, MessageType.TRAIN, initial, 2, run_id=43, **{"run-key": "abc"})
     assert not first.has_error() and not second.has_error()
     ledger = PrivacyLedger(Path(cfg.state_dir) / "ledgers" / "site-1.json", 2.0, cfg.delta)
-    assert {e["run"] for e in ledger.entries()} == {"abc"}
-    assert second.content["metrics"]["noise-multiplier"] == first.content["metrics"][
-        "noise-multiplier"]
-    assert second.content["metrics"]["steps"] == 2 * first.content["metrics"]["steps"]
+    entries = ledger.entries()
+    assert {e.run for e in entries} == {"abc"} and [e.round for e in entries] == [1, 2]
+    assert entries[0].noise_multiplier == entries[1].noise_multiplier
 
 
 def test_a_deployed_site_skips_unreadable_images_and_says_how_many(
@@ -142,7 +154,8 @@ def test_a_deployed_site_skips_unreadable_images_and_says_how_many(
     (root / "train" / "normal" / "broken.png").write_bytes(b"\x89PNG not really")
     (root / "test" / "pneumonia" / "empty.png").write_bytes(b"")
     node = {"site-name": "st-test", "data-path": str(root), "data-format": "imagefolder",
-            "epsilon": 2.0, "delta": 1e-5, "ledger-path": str(tmp_path / "ledger.json")}
+            "epsilon": 2.0, "delta": 1e-5, "ledger-path": str(tmp_path / "ledger.json"),
+            "release-non-dp": "skipped-images,evaluation-metrics"}
     reply = _send(cfg, MessageType.EVALUATE, trainable_arrays(build_model(cfg.model_spec())),
                   1, node)
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
@@ -157,7 +170,8 @@ def test_shift_queries_are_refused_where_the_site_does_not_allow_them(
         reply = _send(cfg, "query.shift", initial, 1, {"partition-id": 1, key: False},
                       kind="moments")
         assert reply.error.code == ERROR_NOT_ALLOWED
-        assert f"{key} = false" in reply.error.reason
+        setting = key.removeprefix("allow-").replace("-", "_")
+        assert f"{setting} = false" in reply.error.reason
     assert not (Path(cfg.state_dir) / "ledgers" / "site-1.json").exists()
 
 
@@ -179,12 +193,12 @@ def test_a_site_whose_data_cannot_be_read_says_so_and_spends_nothing(
 def test_a_personal_bn_site_keeps_its_own_scale_shift_and_evaluates_with_them(
     cfg: FederationConfig,
 ) -> None:
-    cfg = cfg.replace(personal_bn=True, shift=False, num_rounds=2)
+    cfg = cfg.replace(personal_bn=True, shift=False, num_rounds=2, dp=False)
     model = build_model(cfg.model_spec())
     initial = trainable_arrays(model)
     first = _send(cfg, MessageType.TRAIN, initial, 1, **{"run-key": "r1"})
     assert not first.has_error(), first.error.reason if first.has_error() else ""
-    [saved] = (Path(cfg.state_dir) / "ledgers" / "personal").glob("site-1-r1.npz")
+    [saved] = (Path(cfg.state_dir) / "personal").glob("site-1-r1.npz")
     with np.load(saved) as kept:
         names = set(kept.files)
         trained = {k: kept[k] for k in kept.files}
@@ -194,11 +208,12 @@ def test_a_personal_bn_site_keeps_its_own_scale_shift_and_evaluates_with_them(
     sent = first.content["arrays"]
     scrambled = ArrayRecord({k: Array(np.full_like(v.numpy(), 7.0) if k in names else v.numpy())
                              for k, v in sent.items()})
-    own = _send(cfg, MessageType.EVALUATE, sent, 1, **{"run-key": "r1"})
-    other = _send(cfg, MessageType.EVALUATE, scrambled, 1, **{"run-key": "r1"})
+    node = {"partition-id": 1, "release-non-dp": "evaluation-metrics"}
+    own = _send(cfg, MessageType.EVALUATE, sent, 1, node, **{"run-key": "r1"})
+    other = _send(cfg, MessageType.EVALUATE, scrambled, 1, node, **{"run-key": "r1"})
     assert own.content["metrics"]["loss"] == pytest.approx(other.content["metrics"]["loss"])
     for key, value in trained.items():
         np.testing.assert_array_equal(value, sent[key].numpy())
     # Another run starts from the global scale/shift.
-    fresh = _send(cfg, MessageType.EVALUATE, scrambled, 1, **{"run-key": "r2"})
+    fresh = _send(cfg, MessageType.EVALUATE, scrambled, 1, node, **{"run-key": "r2"})
     assert fresh.content["metrics"]["loss"] != pytest.approx(own.content["metrics"]["loss"])
