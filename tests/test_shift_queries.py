@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from client.app import ERROR_BAD_REQUEST, ERROR_BUDGET_EXCEEDED, make_client_app
 from client.privacy_ledger import PrivacyLedger
+from client.release_policy import SitePolicy
 from common.federated_data import SiteData, load_federation
 from common.federation_config import FederationConfig
 from common.model_surgery import build_model
@@ -64,11 +65,13 @@ def test_moments_are_charged_to_the_train_part_within_the_plan(cfg: FederationCo
     assert metrics["sum-noise-std"] == pytest.approx(cfg.moment_noise * layout.sensitivity)
     assert metrics["count-noise-std"] == cfg.moment_noise
     ledger = _ledger(cfg)
-    [entry] = [e for e in ledger.entries() if e.get("mechanism") == "moments"]
-    assert entry["part"] == "train"
-    assert entry["noise_multiplier"] == pytest.approx(cfg.moment_noise / math.sqrt(2))
-    # The plan reserved exactly this release: training plus moments fill the budget.
-    assert 0.95 * cfg.epsilon < ledger.epsilon_spent("train") <= cfg.epsilon
+    [entry] = [e for e in ledger.entries() if e.mechanism == "moments"]
+    assert entry.part == "train"
+    assert entry.noise_multiplier == pytest.approx(cfg.moment_noise / math.sqrt(2))
+    # The plan reserved this release (and the run's others) before sizing DP-SGD's noise.
+    plan = ledger.plan("42")
+    assert plan is not None and plan.reservation("moments", "train") is not None
+    assert ledger.epsilon_spent() <= cfg.epsilon
     before = ledger.path.read_text()
     again = _send(cfg, "query.shift", {"kind": "moments", "server-round": 2}, arrays)
     assert again.has_error() and again.error.code == ERROR_BUDGET_EXCEEDED
@@ -79,17 +82,25 @@ def test_deployment_histograms_use_their_own_parts_and_report_corrections(
     cfg: FederationConfig,
 ) -> None:
     arrays = trainable_arrays(build_model(cfg.model_spec()))
-    reply = _send(cfg, "query.shift", {"kind": "deployment", "server-round": 1}, arrays)
+    app = make_client_app(cfg, _with_pool, SitePolicy(non_dp=frozenset({"audit-metrics"})))
+    msg = Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(
+        {"kind": "deployment", "server-round": 1})}), dst_node_id=7, message_type="query.shift")
+    reply = app(msg, Context(run_id=42, node_id=7, node_config={"partition-id": 1},
+                             state=RecordDict(), run_config={}))
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     summaries = reply.content["summaries"]
     assert summaries["val-hist"].numpy().shape == (2, 8)
     assert summaries["pool-hist"].numpy().shape == (8,)
     ledger = _ledger(cfg)
     for part in ("validation", "deployment"):
-        assert 0.99 * cfg.epsilon < ledger.epsilon_spent(part) <= cfg.epsilon
+        [entry] = [e for e in ledger.entries() if e.kind == "gaussian" and e.part == part]
+        assert (entry.mechanism, entry.noise_multiplier) == (
+            "score-histogram", cfg.histogram_noise)
     assert ledger.epsilon_spent("train") == 0.0
+    assert [e.allowed_by for e in ledger.entries() if e.kind == "allowed"] == [
+        "release audit-metrics"]
     metrics = reply.content["metrics"]
-    assert metrics["val-noise-std"] == metrics["pool-noise-std"] > 0
+    assert metrics["val-noise-std"] == metrics["pool-noise-std"] == cfg.histogram_noise
     assert {"corrected.nll", "uncorrected.nll", "corrected.ece", "raw.auroc"} <= set(metrics)
     assert metrics["mlls-prior.0"] + metrics["mlls-prior.1"] == pytest.approx(1.0)
     again = _send(cfg, "query.shift", {"kind": "deployment", "server-round": 2}, arrays)
@@ -98,7 +109,7 @@ def test_deployment_histograms_use_their_own_parts_and_report_corrections(
 
 def test_unknown_query_kind_is_a_bad_request(cfg: FederationConfig) -> None:
     arrays = trainable_arrays(build_model(cfg.model_spec()))
-    reply = _send(cfg, "query.shift", {"kind": "everything"}, arrays)
+    reply = _send(cfg, "query.shift", {"kind": "everything", "server-round": 1}, arrays)
     assert reply.has_error() and reply.error.code == ERROR_BAD_REQUEST
     assert "moments, deployment" in reply.error.reason
 
@@ -123,5 +134,5 @@ def test_server_clip_scales_the_noise_not_the_cost_and_bad_centres_cost_nothing(
     wide = moment_layout(build_model(cfg.model_spec()), cfg.moment_layers, 1.2)
     assert reply.content["metrics"]["sum-noise-std"] == pytest.approx(
         cfg.moment_noise * wide.sensitivity)
-    [entry] = [e for e in _ledger(cfg).entries() if e.get("mechanism") == "moments"]
-    assert entry["noise_multiplier"] == pytest.approx(cfg.moment_noise / math.sqrt(2))
+    [entry] = [e for e in _ledger(cfg).entries() if e.mechanism == "moments"]
+    assert entry.noise_multiplier == pytest.approx(cfg.moment_noise / math.sqrt(2))

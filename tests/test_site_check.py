@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from client.privacy_ledger import PrivacyLedger
 from client.site_check import CheckResult, Verdict, check_site
+from client.site_cli import supernode_command
 from client.site_config import SiteConfig, load_site_config
 from common.privacy_accounting import GaussianRelease
 from tests.site_files import site_toml, write_ca_certificate, write_site
@@ -35,8 +37,12 @@ def test_a_complete_site_passes_every_check(tmp_path: Path) -> None:
     results = _by_item(check_site(_site(tmp_path)))
     assert list(results) == ["config", "data", "image sizes", "skipped files", "budget",
                              "ledger", "device", "CA certificate", "SuperNode key",
-                             "ClientApp port"]
-    assert all(r.verdict is Verdict.OK for r in results.values()), results
+                             "ClientApp port", "app publishers"]
+    assert all(r.verdict is Verdict.OK for r in results.values()
+               if r.item != "app publishers"), results
+    # Without pinned publishers the site runs whatever code the server's bundle holds.
+    assert results["app publishers"].verdict is Verdict.WARNING
+    assert "enforces its budget" in results["app publishers"].message
     assert "2 classes (0=a, 1=b)" in results["data"].message
     assert "train 28, val 6, test 6, pool 3" in results["data"].message
     assert "height 20..26, width 20..24" in results["image sizes"].message
@@ -160,3 +166,23 @@ def test_busy_clientapp_port_is_a_warning(tmp_path: Path) -> None:
         config = load_site_config(write_site(tmp_path, site_toml(port=port)))
         result = _by_item(check_site(config))["ClientApp port"]
     assert result.verdict is Verdict.WARNING and str(port) in result.message
+
+
+def test_pinned_publishers_pass_and_reach_the_supernode(tmp_path: Path) -> None:
+    config = _site(tmp_path)
+    trusted = tmp_path / "trusted.yaml"
+    trusted.write_text("fpk_1: 'ssh-ed25519 AAAA test'\n")
+    pinned = dataclasses.replace(config, superlink=dataclasses.replace(
+        config.superlink, trusted_entities=trusted))
+    assert _by_item(check_site(pinned))["app publishers"].verdict is Verdict.OK
+    command = supernode_command(pinned)
+    assert command[command.index("--trusted-entities") + 1] == str(trusted)
+    assert "--trusted-entities" not in supernode_command(config)
+
+
+def test_a_missing_ledger_the_file_says_exists_fails_the_check(tmp_path: Path) -> None:
+    config = _site(tmp_path)
+    must = dataclasses.replace(config, privacy=dataclasses.replace(
+        config.privacy, ledger_must_exist=True))
+    result = _by_item(check_site(must))["ledger"]
+    assert result.verdict is Verdict.FAIL and "restore it from backup" in result.message

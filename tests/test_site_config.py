@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from client.release_policy import SitePolicy
 from client.site_config import DEFAULT_CLIENTAPP_PORT, SiteConfigError, load_site_config
 from tests.site_files import site_toml
 
@@ -35,8 +36,9 @@ def test_values_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert config.data.format == "medmnist" and config.data.channels == 1
     assert (config.privacy.epsilon, config.privacy.delta, config.privacy.clip) == (1.0, 1e-5, 0.05)
     assert config.privacy.ledger == tmp_path / "conf" / "state" / "ledger.json"
-    assert config.releases.evaluation_metrics and config.releases.label_histograms
-    assert config.releases.shift_summaries
+    assert config.policy == SitePolicy()
+    assert not config.policy.non_dp and config.policy.weights == "equal"
+    assert config.superlink.trusted_entities is None
     assert config.device == "auto"
     assert config.superlink.clientapp_port == DEFAULT_CLIENTAPP_PORT
     assert config.superlink.ca_certificate == tmp_path / "conf" / "certs" / "ca.crt"
@@ -56,16 +58,23 @@ def test_absolute_paths_stay(tmp_path: Path) -> None:
 
 def test_node_config_has_the_keys_the_client_app_reads(tmp_path: Path) -> None:
     path = _write(tmp_path, site_toml(
-        extra_top='device = "cpu"\n', releases="label_histograms = false\n")
+        extra_top='device = "cpu"\n',
+        releases='label_histograms = false\nnon_dp = ["train-loss", "timing"]\n'
+                 'max_evaluations = 3\n')
         .replace('format = "imagefolder"', 'format = "dicom"\nchannels = 3'))
     node = load_site_config(path).node_config()
     assert node == {
         "site-name": "test-site", "data-path": str(tmp_path / "conf" / "images"),
         "data-format": "dicom", "channels": 3, "epsilon": 1.0, "delta": 1e-5, "clip": 0.05,
         "ledger-path": str(tmp_path / "conf" / "state" / "ledger.json"),
-        "allow-metrics": True, "allow-label-histograms": False, "allow-shift-summaries": True,
-        "device": "cpu",
+        "device": "cpu", "release-non-dp": "timing,train-loss", "aggregation-weights": "equal",
+        "count-noise": 10.0, "max-evaluations": 3, "allow-shift-summaries": True,
+        "allow-label-histograms": False, "composition": "sequential",
+        "ledger-must-exist": False, "max-image-size": 512, "max-local-epochs": 10,
+        "max-rounds": 100, "max-moment-layers": 16,
     }
+    # The ClientApp reads back the policy the file set.
+    assert SitePolicy.from_node_config(node) == load_site_config(path).policy
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -91,6 +100,12 @@ def test_node_config_has_the_keys_the_client_app_reads(tmp_path: Path) -> None:
     (('name = "test-site"', 'name = "st marys/icu"'), r"name = 'st marys/icu': use 1 to 64"),
     (("[releases]\n", '[releases]\nshift_summaries = "no"\n'),
      r"\[releases\] shift_summaries = 'no': expected true or false"),
+    (("[releases]\n", '[releases]\nnon_dp = ["everything"]\n'),
+     r"\[releases\] non_dp .*unknown release"),
+    (("[releases]\n", '[releases]\ncomposition = "parallel"\n'),
+     r"\[releases\] composition .*must be one of sequential, parallel-parts"),
+    (("[releases]\n", '[releases]\n[limits]\nmax_rounds = 0\n'),
+     r"\[limits\] max_rounds = 0: expected a whole number >= 1"),
     (('name = "test-site"', 'name = "x"\ndevice = "tpu"'),
      r"device = 'tpu': must be one of auto, cpu, cuda"),
     (('name = "test-site"', 'name = "x"\ngpu = 1'), r"unknown setting\(s\) gpu in the top level"),

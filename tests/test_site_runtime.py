@@ -36,8 +36,8 @@ def test_deployed_site_reads_its_own_data_and_reports_skips(site_node: dict) -> 
     assert total == 40 and len(site.data.images[POOL]) == 3
     assert POOL not in site.data.labels
     assert site.skipped_images == 1
-    assert site.allow_metrics and site.allow_label_histograms
-    assert not site.allow_shift_summaries
+    assert site.policy.label_histograms and not site.policy.non_dp
+    assert not site.policy.shift_summaries
 
 
 def test_site_budget_and_clip_win_over_the_run_config(site_node: dict, tmp_path: Path) -> None:
