@@ -139,5 +139,5 @@ def test_three_sites_over_tls_survive_a_dead_site_and_a_server_crash(
                .values())
     for site in SITES:
         ledger = PrivacyLedger(tmp_path / site / "ledger.json", 1.0, 1e-5)
-        assert {e["run"] for e in ledger.entries()} == {saved.run_key}
+        assert {e.run for e in ledger.entries()} == {saved.run_key}
         assert ledger.epsilon_spent() <= 1.0 + 1e-9

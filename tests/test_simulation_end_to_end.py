@@ -35,16 +35,16 @@ def test_two_round_dp_federation(small_pneumonia_dir: Path, tmp_path: Path) -> N
 
     for site in written["sites"]:
         entries = json.loads(Path(site["ledger"]).read_text())["releases"]
-        by_part: dict[str, list] = {}
-        for e in entries:
-            if e["kind"] == "gaussian":
-                by_part.setdefault(e["part"], []).append(
-                    (e["noise_multiplier"], e["sample_rate"], e["steps"]))
-        assert set(by_part) == {"train", "validation"}
-        assert [e["mechanism"] for e in entries if e.get("part") == "train"].count("moments") == 2
-        expected = max(independent_accountant.epsilon(r, site["delta"]) for r in by_part.values())
-        assert site["epsilon_spent"] == pytest.approx(expected, rel=1e-4)
-        assert 0.9 <= site["epsilon_by_part"]["train"] <= 1.0
+        # Only DP releases, every one composed with every other (sequential composition).
+        assert {e["kind"] for e in entries} == {"gaussian"}
+        assert {e["part"] for e in entries} == {"train", "validation", "test"}
+        assert [e["mechanism"] for e in entries].count("moments") == 2
+        assert [e["mechanism"] for e in entries].count("evaluation") == 1
+        expected = independent_accountant.epsilon(
+            [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries],
+            site["delta"])
+        assert site["composition"] == "sequential"
+        assert site["epsilon_spent"] == pytest.approx(expected, rel=1e-3)
         assert 0.9 <= site["epsilon_spent"] <= 1.0
         assert set(site["test"]) >= {"accuracy", "balanced_accuracy", "auroc"}
         assert 0.0 <= site["test"]["auroc"] <= 1.0
@@ -91,8 +91,7 @@ def test_scenario_run_scores_shift_and_writes_the_report(small_pneumonia_dir: Pa
     assert 0.0 <= truth["deployment_prior_l1"] <= 2.0
     assert scoring["sites"]["site-2"]["shifted"] and not scoring["sites"]["site-1"]["shifted"]
     for row in results["sites"]:
-        assert max(row["epsilon_by_part"].values()) == pytest.approx(row["epsilon_spent"])
-        assert row["epsilon_spent"] <= cfg.epsilon
+        assert max(row["epsilon_by_part"].values()) < row["epsilon_spent"] <= cfg.epsilon
     report = (tmp_path / "report.md").read_text()
     assert "site-2" in report
     assert (tmp_path / "plots" / "covariate_scores.png").stat().st_size > 0
