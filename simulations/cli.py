@@ -84,6 +84,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                    help="FedBN: every site keeps its own BatchNorm scale/shift (needs --no-shift)")
     p.add_argument("--no-shift", action="store_true",
                    help="do not query the sites for DP shift summaries (all budget to training)")
+    p.add_argument("--evaluations", type=int, default=DEFAULTS.evaluations,
+                   help="federated evaluations (DP confusion counts, charged) in the last rounds; "
+                        "each site's test metrics are scored by the simulation itself")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed)
     p.add_argument("--verbose", action="store_true", help="show Flower's log")
 
@@ -106,6 +109,7 @@ def _config(args: argparse.Namespace, state_dir: Path) -> FederationConfig:
         optimizer=args.optimizer, clip=args.clip, dp=not args.no_dp, epsilon=args.epsilon,
         delta=args.delta, aggregator=args.aggregator, proximal_mu=args.proximal_mu,
         server_lr=args.server_lr, max_update_norm=args.max_update_norm, seed=args.seed,
+        evaluations=args.evaluations,
         state_dir=str(state_dir),
         scenario=str(Path(args.scenario).resolve()) if args.scenario else "",
     )

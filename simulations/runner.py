@@ -184,23 +184,25 @@ def collect_results(cfg: FederationConfig, history: dict[str, Any],
     return results
 
 
-SIMULATED_POLICY = SitePolicy(non_dp=frozenset({"timing", "audit-metrics"}))
-"""What simulated sites release: a deployed site's defaults, plus their compute time
-(for the benchmarks) and metrics on their deployment pools' audit labels (which only
-simulations have)."""
+def simulated_policy(cfg: FederationConfig) -> SitePolicy:
+    """What simulated sites release: a deployed site's defaults, plus their compute time
+    (for the benchmarks) and metrics on their deployment pools' audit labels (which only
+    simulations have); they answer the run's ``evaluations``."""
+    return SitePolicy(non_dp=frozenset({"timing", "audit-metrics"}),
+                      max_evaluations=cfg.evaluations)
 
 
 def simulate(cfg: FederationConfig, out_dir: Path | None = None,
              on_round: RoundCallback | None = None,
              simulated: SimulatedSites | None = None,
-             policy: SitePolicy = SIMULATED_POLICY) -> dict[str, Any]:
+             policy: SitePolicy | None = None) -> dict[str, Any]:
     """Run the federation ``cfg`` describes; return (and write to ``out_dir``) its results.
 
     ``cfg.state_dir`` receives the server's history, final parameters and the
     simulated sites' ledgers; it should be a fresh directory per run (ledgers
     there carry privacy spent over from earlier runs). ``simulated`` replaces the
     sites ``cfg`` would build (studies pass sites with injected shifts); ``policy``
-    is every simulated site's release policy.
+    is every simulated site's release policy (None: :func:`simulated_policy`).
     """
     cfg = scenario_config(cfg)
     simulated = simulated or simulated_sites(cfg)
@@ -210,7 +212,8 @@ def simulate(cfg: FederationConfig, out_dir: Path | None = None,
         warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
         run_simulation(
             server_app=make_server_app(cfg, on_round),
-            client_app=make_client_app(cfg, lambda _: simulated.sites, policy),
+            client_app=make_client_app(cfg, lambda _: simulated.sites,
+                                       policy or simulated_policy(cfg)),
             num_supernodes=cfg.num_sites,
             backend_config=backend_config(cfg),
         )

@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data_dir=args.data_dir, num_sites=len(prevalences), prevalences=prevalences,
         num_rounds=args.rounds, local_epochs=args.local_epochs, image_size=args.image_size,
         batch_size=args.batch_size, mode=args.mode, dp=not args.no_dp, shift=False,
+        evaluations=args.rounds,
     )
     slots = site_slots(cfg)
     print(f"{cfg.num_sites} sites (prevalences {', '.join(map(str, cfg.prevalences))}), "

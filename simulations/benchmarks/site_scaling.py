@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = FederationConfig(
         data_dir=args.data_dir, num_rounds=args.rounds, local_epochs=args.local_epochs,
         image_size=args.image_size, batch_size=args.batch_size, mode=args.mode,
-        dp=not args.no_dp, shift=False,
+        dp=not args.no_dp, shift=False, evaluations=args.rounds,
     )
     print(f"sites {', '.join(map(str, counts))}, each at prevalence {args.prevalence}; "
           f"{base.num_rounds} round(s) of {base.local_epochs} local epoch(s), "
