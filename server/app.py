@@ -13,10 +13,11 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from common.federation_config import FederationConfig
+from common.messages import Request
 from common.model_surgery import build_model
 from common.norm_moments import moment_layout
 from common.trainable_arrays import full_model_bytes, record_bytes, trainable_arrays
@@ -68,14 +69,18 @@ def _phase(grid: Grid, strategy: FedShiftStrategy, phase: str, server_round: int
 
 def _round(grid: Grid, cfg: FederationConfig, strategy: FedShiftStrategy, server_round: int,
            arrays: ArrayRecord, run_key: str) -> ArrayRecord:
-    """One round: train at the sites, aggregate what passes the checks, evaluate."""
+    """One round: train at the sites, aggregate what passes the checks, and in the
+    last ``cfg.evaluations`` rounds evaluate (:meth:`FederationConfig.evaluates`)."""
+    request = Request(server_round=server_round, run_key=run_key)
     replies = _phase(grid, strategy, "train", server_round, strategy.configure_train(
-        server_round, arrays, ConfigRecord({"run-key": run_key}), grid), cfg.round_timeout)
+        server_round, arrays, request.to_config(), grid), cfg.round_timeout)
     aggregated, _ = strategy.aggregate_train(server_round, replies)
     arrays = aggregated if aggregated is not None else arrays
-    replies = _phase(grid, strategy, "evaluate", server_round, strategy.configure_evaluate(
-        server_round, arrays, ConfigRecord({"run-key": run_key}), grid), cfg.round_timeout)
-    strategy.aggregate_evaluate(server_round, replies)
+    if cfg.evaluates(server_round):
+        replies = _phase(grid, strategy, "evaluate", server_round, strategy.configure_evaluate(
+            server_round, arrays, request.to_config(), grid), cfg.round_timeout)
+        strategy.aggregate_evaluate(server_round, replies)
+    strategy.end_round(server_round)
     return arrays
 
 
@@ -96,7 +101,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round: RoundCallback | 
     initial = trainable_arrays(model)
     strategy = FedShiftStrategy(
         aggregator=cfg.aggregator, proximal_mu=cfg.proximal_mu, server_lr=cfg.server_lr,
-        max_update_norm=cfg.max_update_norm, on_round=on_round,
+        max_update_norm=cfg.max_update_norm, num_classes=cfg.num_classes, on_round=on_round,
         min_train_nodes=cfg.required_sites, min_evaluate_nodes=cfg.required_sites,
         min_available_nodes=cfg.required_sites,
     )
@@ -106,7 +111,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round: RoundCallback | 
     if cfg.shift and cfg.dp:
         layout = moment_layout(model, cfg.moment_layers, cfg.moment_clip)
         monitor = ShiftMonitor(grid, layout, cfg.num_classes, timeout=cfg.round_timeout,
-                               run_key=checkpoint.run_key)
+                               run_key=checkpoint.run_key, labels=strategy.labels)
         if checkpoint.monitor:
             monitor.restore(checkpoint.monitor)
     strategy.summary()

@@ -2,13 +2,16 @@
 
 A reply whose parameters are not finite, do not match the global model's names,
 shapes or dtypes, or moved further from the global parameters than a bound is
-rejected with a reason; one bad site must not spoil the federation's model.
+rejected with a reason; one bad site must not spoil the federation's model. The
+aggregation weights of the replies that pass are bounded relative to each other
+(:func:`bound_weights`), so that no single site can make the global model its own
+by claiming a huge weight.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +26,8 @@ class UpdateCheck:
 
 
 def check_update(update: Mapping[str, np.ndarray], current: Mapping[str, np.ndarray],
-                 num_examples: object, max_update_norm: float) -> UpdateCheck:
-    """Whether a training reply may be aggregated, and if so how far it moved.
+                 max_update_norm: float) -> UpdateCheck:
+    """Whether a training reply's parameters may be aggregated, and if so how far they moved.
 
     Parameters
     ----------
@@ -32,8 +35,6 @@ def check_update(update: Mapping[str, np.ndarray], current: Mapping[str, np.ndar
         The parameters the site sent back.
     current : mapping of str to ndarray
         The global parameters the site was sent.
-    num_examples : object
-        The example count the reply weights its parameters by.
     max_update_norm : float
         Bound on the L2 norm of ``update - current`` over all parameters;
         0 turns the bound off.
@@ -43,9 +44,6 @@ def check_update(update: Mapping[str, np.ndarray], current: Mapping[str, np.ndar
     if missing or extra:
         return UpdateCheck(f"parameter names differ from the global model's (missing: "
                            f"{missing[:3]}, unexpected: {extra[:3]})")
-    if (isinstance(num_examples, bool) or not isinstance(num_examples, (int, float))
-            or not math.isfinite(num_examples) or num_examples <= 0):
-        return UpdateCheck(f"num-examples is {num_examples!r}, not a positive number")
     squared = 0.0
     for name, ref in current.items():
         value = update[name]
@@ -59,7 +57,35 @@ def check_update(update: Mapping[str, np.ndarray], current: Mapping[str, np.ndar
             return UpdateCheck(f"{name} holds NaN or infinite values")
         squared += float(np.sum((value.astype(np.float64) - ref.astype(np.float64)) ** 2))
     norm = math.sqrt(squared)
+    if not math.isfinite(norm):
+        return UpdateCheck("the update's norm overflows")
     if max_update_norm > 0 and norm > max_update_norm:
         return UpdateCheck(f"update norm {norm:.4g} exceeds max-update-norm "
                            f"{max_update_norm:g}", norm)
     return UpdateCheck(None, norm)
+
+
+def check_weight(weight: float) -> str | None:
+    """A reason to reject an aggregation weight, else None (it must be finite and > 0)."""
+    if not math.isfinite(weight) or weight <= 0:
+        return f"aggregation weight {weight!r} is not a positive finite number"
+    return None
+
+
+def bound_weights(weights: Sequence[float], max_ratio: float) -> np.ndarray:
+    """The aggregation weights, each clipped to ``max_ratio`` times their lower median.
+
+    Computed in float64. The lower median (the middle weight, the smaller of the
+    two middle ones for an even count) is used so that in a round of two sites
+    the larger weight is bounded by the smaller one: one site can raise the
+    median only where it is half of the round. A site's share of the aggregate is
+    then at most ``max_ratio * m / (max_ratio * m + rest)``, where ``rest`` is the
+    other sites' total weight.
+    """
+    values = np.asarray(weights, dtype=np.float64)
+    if values.size == 0:
+        return values
+    if not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise ValueError("aggregation weights must be positive and finite")
+    median = float(np.sort(values)[(values.size - 1) // 2])
+    return np.minimum(values, max_ratio * median)

@@ -9,15 +9,24 @@ asks for the score histograms of each site's validation split and deployment
 pool and derives the federation's confusion matrix, every site's training and
 deployment priors (MLLS and BBSE), importance weights and concept-shift gap.
 Everything here is computed from DP releases only.
+
+Every reply is parsed with :class:`common.messages.MomentsReply` or
+:class:`common.messages.DeploymentReply`; one that is malformed (a missing
+record, an unknown key, a wrong shape, a non-finite value) is recorded in
+:attr:`ShiftMonitor.refused` with its reason and skipped, like a site's refusal:
+the monitor never raises on what a site sends. Sites are recorded under the
+labels of :class:`server.site_labels.SiteLabels` (by node identity), the same map
+the strategy uses when it is shared.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.covariate_score import (
@@ -37,13 +46,24 @@ from common.label_shift import (
     importance_weights,
     mlls,
     normalise,
+    num_bins,
+)
+from common.messages import (
+    ARRAYS,
+    CONFIG,
+    RUN_KEY,
+    SHIFT_QUERY_TYPE,
+    DeploymentReply,
+    MessageError,
+    MomentsReply,
+    Request,
 )
 from common.norm_moments import MomentLayout
-from server.strategy import addressed_node, reply_site_name
+from server.site_labels import SiteLabels, addressed_node, destinations
 
 logger = logging.getLogger(__name__)
 
-QUERY_TYPE = "query.shift"
+QUERY_TYPE = SHIFT_QUERY_TYPE
 CENTRING_CLIP_FACTOR = 4.0
 
 
@@ -62,13 +82,20 @@ class ShiftMonitor:
         Seconds to wait for replies; None waits for all.
     run_key : str (default: "")
         The run's key, sent with every query so that the sites' ledgers charge
-        the same run across a server restart; empty: the sites use Flower's run id.
+        the same run across a server restart; empty: none is sent and the sites
+        use Flower's run id.
+    labels : SiteLabels or None (default: None)
+        The node -> label map to record sites under: pass the strategy's
+        (:attr:`server.strategy.FedShiftStrategy.labels`) so that both name a node
+        alike. None: a new one.
     """
 
     def __init__(self, grid: Grid, layout: MomentLayout, num_classes: int,
-                 timeout: float | None = None, run_key: str = "") -> None:
+                 timeout: float | None = None, run_key: str = "",
+                 labels: SiteLabels | None = None) -> None:
         self.grid = grid
         self.run_key = run_key
+        self.labels = labels if labels is not None else SiteLabels()
         self.layout = layout
         self.num_classes = num_classes
         self.timeout = timeout
@@ -83,6 +110,7 @@ class ShiftMonitor:
         """The monitor's state as JSON-safe values, for the server's checkpoint."""
         return {
             "rounds": self.rounds, "refused": self.refused, "centre": self.centre.tolist(),
+            "labels": self.labels.as_dict(),
             "counts": {n: c.tolist() for n, c in self._counts.items()},
             "total": {n: {"sums": m.sums.tolist(), "counts": m.counts.tolist(),
                           "sum_noise_var": m.sum_noise_var,
@@ -94,6 +122,7 @@ class ShiftMonitor:
         """Take back the state :meth:`state` gave."""
         self.rounds = list(state["rounds"])
         self.refused = dict(state["refused"])
+        self.labels.restore(state.get("labels", {}))
         self.centre = np.asarray(state["centre"], dtype=np.float64).reshape(self.centre.shape)
         self._counts = {n: np.asarray(c, dtype=np.float64) for n, c in state["counts"].items()}
         self._total = {
@@ -104,26 +133,52 @@ class ShiftMonitor:
         }
 
     def _ask(self, kind: str, server_round: int, arrays: ArrayRecord,
-             **settings: float | list[float] | str) -> dict[str, Message]:
-        config = ConfigRecord({"kind": kind, "server-round": server_round,
-                               "run-key": self.run_key, **settings})
+             centre: tuple[float, ...] | None = None, clip: float | None = None
+             ) -> dict[str, Message]:
+        """Send a ``kind`` query to every node; the replies that are not errors, by label."""
+        config = Request(server_round=server_round, run_key=self.run_key, kind=kind,
+                         moment_centre=centre, moment_clip=clip).to_config()
+        if not self.run_key:
+            del config[RUN_KEY]
         messages = [
-            Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
-                    message_type=QUERY_TYPE)
+            Message(RecordDict({ARRAYS: arrays, CONFIG: config}), dst_node_id=node,
+                    message_type=SHIFT_QUERY_TYPE)
             for node in self.grid.get_node_ids()
         ]
         answers = {}
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        sent_to = destinations(messages)
         for reply in replies:
+            node = addressed_node(reply, sent_to)
+            label = self.labels.reply_label(reply, node)
             if reply.has_error() or not reply.has_content():
                 reason = reply.error.reason if reply.has_error() else "empty reply"
-                who = f"node-{addressed_node(reply, sent_to)} ({kind}, round {server_round})"
-                self.refused[who] = reason
-                logger.warning("shift query %s refused: %s", kind, reason)
+                self._refuse(label, kind, server_round, reason)
                 continue
-            answers[reply_site_name(reply)] = reply
+            if label in answers:
+                self._refuse(f"{label} (duplicate)", kind, server_round,
+                             "a second reply from the same node")
+                continue
+            answers[label] = reply
         return answers
+
+    def _refuse(self, label: str, kind: str, server_round: int, reason: str) -> None:
+        self.refused[f"{label} ({kind}, round {server_round})"] = reason
+        logger.warning("shift query %s, round %d: %s's reply refused: %s", kind, server_round,
+                       label, reason)
+
+    def _parse(self, replies: dict[str, Message], kind: str, server_round: int,
+               parse: Callable[[Message], Any]) -> dict[str, Any]:
+        """Each reply parsed by ``parse``; a reply that fails is refused with the reason."""
+        parsed = {}
+        for label, msg in replies.items():
+            try:
+                parsed[label] = parse(msg)
+            except Exception as exc:  # a site's reply must never end the run
+                reason = str(exc) if isinstance(exc, MessageError) else (
+                    f"malformed reply ({type(exc).__name__}: {exc})")
+                self._refuse(label, kind, server_round, reason)
+        return parsed
 
     def _scores(self, moments: dict[str, SiteMoments], clip: float) -> dict[str, dict[str, Any]]:
         scores = covariate_scores(moments, self.layout.layer_names, clip)
@@ -148,16 +203,15 @@ class ShiftMonitor:
         layout's clip accumulate.
         """
         clip = self._round_clip()
-        replies = self._ask("moments", server_round, arrays, **{
-            "moment-centre": [float(v) for v in self.centre.ravel()], "moment-clip": clip})
+        replies = self._ask("moments", server_round, arrays,
+                            centre=tuple(float(v) for v in self.centre.ravel()), clip=clip)
+        shape = (self.num_classes, len(self.layout.layer_names), self.layout.width)
+        parsed = self._parse(replies, "moments", server_round,
+                             lambda msg: MomentsReply.parse(msg, sums_shape=shape))
         this_round = {}
-        for name, msg in replies.items():
-            arr = msg.content["summaries"]
-            noise = msg.content["metrics"]
-            this_round[name] = SiteMoments(arr["sums"].numpy().astype(np.float64),
-                                           arr["counts"].numpy().astype(np.float64),
-                                           float(noise["sum-noise-std"]) ** 2,
-                                           float(noise["count-noise-std"]) ** 2)
+        for name, reply in parsed.items():
+            this_round[name] = SiteMoments(reply.sums, reply.counts,
+                                           reply.sum_noise_std ** 2, reply.count_noise_std ** 2)
             self._counts[name] = self._counts.get(name, 0.0) + this_round[name].counts
             if clip == self.layout.clip:
                 self._total[name] = (self._total[name] + this_round[name]
@@ -184,11 +238,12 @@ class ShiftMonitor:
     def deployment(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
         """Ask for the validation and pool histograms; estimate priors and concept shift."""
         replies = self._ask("deployment", server_round, arrays)
-        val = {n: m.content["summaries"]["val-hist"].numpy().astype(np.float64)
-               for n, m in replies.items()}
-        pools = {n: m.content["summaries"]["pool-hist"].numpy().astype(np.float64)
-                 for n, m in replies.items() if "pool-hist" in m.content["summaries"]}
-        noise = {n: dict(m.content["metrics"]) for n, m in replies.items()}
+        shape = (self.num_classes, num_bins(self.num_classes))
+        parsed: dict[str, DeploymentReply] = self._parse(
+            replies, "deployment", server_round,
+            lambda msg: DeploymentReply.parse(msg, hist_shape=shape))
+        val = {n: r.val_hist for n, r in parsed.items()}
+        pools = {n: r.pool_hist for n, r in parsed.items() if r.pool_hist is not None}
         counts = sum(self._counts.values()) if self._counts else None
         fed_prior = normalise(counts) if counts is not None else normalise(
             sum(v.sum(axis=1) for v in val.values()))
@@ -205,7 +260,7 @@ class ShiftMonitor:
                 val_prior = normalise(hist.sum(axis=1))
                 posteriors = correct_priors(binary_posteriors(BINARY_CENTRES), val_prior,
                                             fed_prior)
-                gaps[name] = concept_gap(hist, posteriors, noise[name]["val-noise-std"])
+                gaps[name] = concept_gap(hist, posteriors, parsed[name].val_noise_std)
             if name in pools:
                 bb = bbse(pools[name], confusion)
                 if self.num_classes == 2:
@@ -217,7 +272,9 @@ class ShiftMonitor:
                 row["deployment_prior"] = dep.tolist()
                 row["deployment_prior_bbse"] = bb.tolist()
                 row["importance_weights"] = importance_weights(dep, fed_prior).tolist()
-            row["metrics"] = _correction_metrics(noise[name])
+            if parsed[name].priors:
+                row["site_mlls_prior"] = list(parsed[name].priors)
+            row["metrics"] = _correction_metrics(parsed[name].extras)
             sites[name] = row
         if gaps:
             median = float(np.median([g.gap for g in gaps.values()]))
@@ -247,7 +304,8 @@ class ShiftMonitor:
                 "layers": list(self.layout.layer_names)}
 
 
-def _correction_metrics(metrics: dict[str, Any]) -> dict[str, dict[str, float]] | None:
+def _correction_metrics(metrics: dict[str, float]) -> dict[str, dict[str, float]] | None:
+    """The audit metrics (``raw.x``, ``uncorrected.x``, ``corrected.x``) by variant."""
     out: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
         variant, _, metric = key.partition(".")

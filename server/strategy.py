@@ -1,8 +1,42 @@
-"""FedShiftStrategy: FedAvg over the trainable parameters, with per-site records."""
+"""FedShiftStrategy: bounded-weight FedAvg over the trainable parameters, with per-site records.
+
+Every reply is parsed with the typed records of :mod:`common.messages` and checked
+(:mod:`server.reply_checks`) before anything is aggregated; a reply that fails is
+dropped with its reason in the round's history, and the round goes on with the
+others. The strategy never raises on what a site sends.
+
+History
+-------
+:attr:`FedShiftStrategy.history` holds one entry per round::
+
+    {"round": int,
+     "train": {extra: mean over the accepted replies that carry it},
+     "evaluate": {"accuracy", "balanced_accuracy", "noise_std", "confusion", "sites",
+                  extra: mean over the replies that carry it} or {},
+     "sites": {label: {"node": node id,
+                       "train": {"weight": as reported, extra: value},
+                       "update_norm": float, "aggregation_weight": float (bounded),
+                       "evaluate": {"accuracy", "balanced_accuracy", "noise_std",
+                                    "confusion", extra: value}}},
+     "refused": {"<label> (<phase>)": reason},   # error replies (a site's refusal)
+     "rejected": {label: reason,                 # train replies dropped by the server
+                  "<label> (evaluate)": reason}, # evaluate replies dropped
+     "missing": {phase: [label, ...]},
+     "seconds": {phase: server wall time},
+     "kept_global": reason or None}              # why the round kept the global parameters
+
+``label`` is the site's name, unless another node holds it
+(:mod:`server.site_labels`). ``extra`` are the named non-DP releases a site's
+configuration allows (``train-loss``, ``compute-seconds``, ... see
+:data:`common.messages.NON_DP_RELEASES`); an evaluate extra named like a metric
+the server derives from the confusion counts (``accuracy``,
+``balanced_accuracy``) is kept as ``reported-<name>``.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -11,37 +45,78 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from server.reply_checks import UpdateCheck, check_update
+from common.messages import PROXIMAL_MU, EvaluateReply, MessageError, TrainReply
+from server.reply_checks import bound_weights, check_update, check_weight
+from server.site_labels import SiteLabels, addressed_node, destinations
 
 logger = logging.getLogger(__name__)
 
 RoundCallback = Callable[[dict[str, Any]], None]
 
-
-def addressed_node(reply: Message, sent_to: Mapping[str, int]) -> int:
-    """The node a reply is about: the request's destination when ``sent_to`` (message id
-    to destination) knows it, since the SuperLink itself writes the error for a node
-    that stopped answering; else the reply's sender."""
-    return sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+DERIVED_EVALUATE = ("accuracy", "balanced_accuracy", "noise_std", "confusion", "sites")
+"""Evaluate metrics the server derives from the confusion counts (a site's extra of
+the same name is recorded as ``reported-<name>``)."""
 
 
-def reply_site_name(msg: Message) -> str:
-    """The site name a reply carries, else ``node-<id>`` (error replies carry none)."""
-    site = msg.content.config_records.get("site") if msg.has_content() else None
-    return str(site["name"]) if site and "name" in site else f"node-{msg.metadata.src_node_id}"
+def confusion_metrics(confusion: np.ndarray, noise_std: float) -> dict[str, Any]:
+    """Accuracy and balanced accuracy of a (noisy) confusion matrix, rows = true classes.
+
+    DP noise can make cells negative; they are clipped at 0 before the metrics
+    are computed (the recorded ``confusion`` is the matrix as released). A class
+    whose clipped row is empty does not count towards balanced accuracy; a metric
+    with nothing to count is None.
+    """
+    clipped = np.clip(np.asarray(confusion, dtype=np.float64), 0.0, None)
+    total = float(clipped.sum())
+    rows = clipped.sum(axis=1)
+    present = rows > 0
+    recalls = np.diag(clipped)[present] / rows[present]
+    return {
+        "accuracy": float(np.trace(clipped) / total) if total > 0 else None,
+        "balanced_accuracy": float(recalls.mean()) if recalls.size else None,
+        "noise_std": float(noise_std),
+        "confusion": np.asarray(confusion, dtype=np.float64).tolist(),
+    }
+
+
+def _evaluate_extras(extras: Mapping[str, float]) -> dict[str, float]:
+    return {(f"reported-{k}" if k in DERIVED_EVALUATE else k): v for k, v in extras.items()}
+
+
+def _mean_extras(extras: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Each key's mean over the mappings that carry it."""
+    values: dict[str, list[float]] = {}
+    for one in extras:
+        for key, value in one.items():
+            values.setdefault(key, []).append(float(value))
+    return {k: float(np.mean(v)) for k, v in values.items()}
+
+
+def _malformed(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, MessageError) else (
+        f"malformed reply ({type(exc).__name__}: {exc})")
 
 
 class FedShiftStrategy(FedAvg):
-    """Example-weighted FedAvg of the trainable parameters, with FedAdam and FedProx options.
+    """Bounded-weight FedAvg of the trainable parameters, with FedAdam and FedProx options.
 
-    Besides aggregating, it keeps a per-round history with every site's own train
-    and evaluation metrics and every refusal (a site over its privacy budget, say)
-    with its reason.
+    Each accepted train reply is weighted by the ``weight`` it carries (1 for
+    equal weights, or a DP-noised count of the site's records), bounded: a weight
+    that is not positive is rejected, and every weight is clipped to at most
+    ``max_weight_ratio`` times the lower median weight of the round's accepted
+    replies (:func:`server.reply_checks.bound_weights`). The weighted mean is
+    computed in float64 and must be finite, else the round keeps the global
+    parameters. Evaluate replies are DP-noised confusion counts; the round's
+    evaluation is computed from their sum.
+
+    Besides aggregating, it keeps a per-round history (see the module docstring)
+    with every site's own train and evaluation figures, every refusal (a site over
+    its privacy budget, say) and every rejected reply, each with its reason.
 
     Parameters
     ----------
     aggregator : str (default: "fedavg")
-        ``fedavg``: the example-weighted mean of the sites' parameters.
+        ``fedavg``: the weighted mean of the sites' parameters.
         ``fedadam``: that mean's difference to the current global parameters is a
         pseudo-gradient for a server-side Adam step (Reddi et al. 2021).
         ``fedprox``: FedAvg, with ``proximal_mu`` sent to the sites.
@@ -56,8 +131,17 @@ class FedShiftStrategy(FedAvg):
         all trainable parameters) from the global ones are rejected, like replies
         with non-finite values or the wrong names, shapes or dtypes; 0 turns the
         norm bound off.
+    max_weight_ratio : float (default: 4.0)
+        Largest aggregation weight relative to the lower median weight of the
+        round's accepted replies (>= 1); larger weights are clipped to it, so one
+        site weighs at most this many median sites.
+    num_classes : int (default: 2)
+        Classes of the task: the size of the confusion matrices evaluate replies carry.
     on_round : callable or None (default: None)
-        Called with each round's history entry once the round's evaluation is in.
+        Called with each round's history entry by :meth:`end_round`.
+    labels : SiteLabels or None (default: None)
+        The node -> label map to record sites under; share it with the shift
+        monitor so that both name a node alike. None: a new one.
     **fedavg_kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (sampling fractions and
         minimum node counts). A round whose usable updates (replies that are not
@@ -74,68 +158,80 @@ class FedShiftStrategy(FedAvg):
         beta_2: float = 0.99,
         tau: float = 1e-3,
         max_update_norm: float = 0.0,
+        max_weight_ratio: float = 4.0,
+        num_classes: int = 2,
         on_round: RoundCallback | None = None,
+        labels: SiteLabels | None = None,
         **fedavg_kwargs: Any,
     ) -> None:
+        fedavg_kwargs.setdefault("weighted_by_key", TrainReply.WEIGHT)
         super().__init__(**fedavg_kwargs)
         if aggregator not in ("fedavg", "fedadam", "fedprox"):
             raise ValueError(f"aggregator must be fedavg, fedadam or fedprox, got {aggregator!r}")
+        if not (math.isfinite(max_weight_ratio) and max_weight_ratio >= 1):
+            raise ValueError(f"max_weight_ratio must be a finite number >= 1, got "
+                             f"{max_weight_ratio!r}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         self.aggregator = aggregator
         self.proximal_mu = proximal_mu if aggregator == "fedprox" else 0.0
         self.server_lr = server_lr
         self.beta_1, self.beta_2, self.tau = beta_1, beta_2, tau
         self.max_update_norm = max_update_norm
+        self.max_weight_ratio = float(max_weight_ratio)
+        self.num_classes = num_classes
         self.on_round = on_round
+        self.labels = labels if labels is not None else SiteLabels()
         self.history: list[dict[str, Any]] = []
-        self.site_names: dict[int, str] = {}
         self._sent_to: dict[str, int] = {}
         self._current: dict[str, np.ndarray] = {}
         self._m: dict[str, np.ndarray] = {}
         self._v: dict[str, np.ndarray] = {}
 
     def summary(self) -> None:
-        logger.info("FedShiftStrategy: aggregator %s, proximal mu %g, server lr %g",
-                    self.aggregator, self.proximal_mu, self.server_lr)
+        logger.info("FedShiftStrategy: aggregator %s, proximal mu %g, server lr %g, "
+                    "max weight ratio %g", self.aggregator, self.proximal_mu, self.server_lr,
+                    self.max_weight_ratio)
         super().summary()
+
+    # ------------------------------------------------------------------ records
 
     def _entry(self, server_round: int) -> dict[str, Any]:
         if not self.history or self.history[-1]["round"] != server_round:
             self.history.append({"round": server_round, "train": {}, "evaluate": {},
                                  "sites": {}, "refused": {}, "rejected": {}, "missing": {},
-                                 "seconds": {}})
+                                 "seconds": {}, "kept_global": None})
         return self.history[-1]
 
     def record_seconds(self, server_round: int, phase: str, seconds: float) -> None:
         """Note the wall time the server spent waiting for ``phase``'s replies."""
         self._entry(server_round)["seconds"][phase] = seconds
 
-    def _name(self, msg: Message) -> str:
-        """The site a reply is about; an error the SuperLink wrote for an unreachable
-        node is named after the node the request went to."""
-        if msg.has_content():
-            return reply_site_name(msg)
+    def _who(self, msg: Message) -> tuple[str, int]:
+        """The label and node id of the node a reply is about; an error the SuperLink
+        wrote for an unreachable node is about the node the request went to."""
         node = addressed_node(msg, self._sent_to)
-        return self.site_names.get(node, f"node-{node}")
+        return self.labels.reply_label(msg, node), node
 
-    def _record(self, server_round: int, phase: str, replies: list[Message]) -> None:
-        entry = self._entry(server_round)
-        for msg in replies:
-            name = self._name(msg)
-            if msg.has_error():
-                entry["refused"][f"{name} ({phase})"] = msg.error.reason
-                continue
-            self.site_names[msg.metadata.src_node_id] = name
-            metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
-            entry["sites"].setdefault(name, {})[phase] = dict(metrics)
+    @staticmethod
+    def _site(entry: dict[str, Any], label: str, node: int) -> dict[str, Any]:
+        return entry["sites"].setdefault(label, {"node": node})
+
+    @staticmethod
+    def _reject(entry: dict[str, Any], key: str, server_round: int, phase: str,
+                reason: str) -> None:
+        entry["rejected"][key] = reason
+        logger.warning("round %d: rejected %s's %s reply: %s", server_round, key.split(" (")[0],
+                       phase, reason)
 
     def record_missing(self, server_round: int, phase: str, sent: Iterable[Message],
                        replies: Iterable[Message]) -> list[str]:
         """Note the sites that were sent ``phase`` work but did not answer in time
         (or for which the SuperLink answered that the node is unavailable)."""
         sent = list(sent)
-        self._sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+        self._sent_to = destinations(sent)
         answered = {m.metadata.src_node_id for m in replies}
-        missing = [self.site_names.get(m.metadata.dst_node_id, f"node-{m.metadata.dst_node_id}")
+        missing = [self.labels.known(m.metadata.dst_node_id)
                    for m in sent if m.metadata.dst_node_id not in answered]
         if missing:
             self._entry(server_round)["missing"][phase] = missing
@@ -143,88 +239,173 @@ class FedShiftStrategy(FedAvg):
                            server_round, phase, ", ".join(missing))
         return missing
 
-    def _accepted(self, server_round: int, replies: list[Message]) -> list[Message]:
-        kept = []
-        for msg in replies:
-            if msg.has_error():
-                kept.append(msg)
-                continue
-            name = reply_site_name(msg)
-            arrays = next(iter(msg.content.array_records.values()), None)
-            metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
-            if arrays is None:
-                check = UpdateCheck("no parameters in the reply")
-            else:
-                check = check_update({k: a.numpy() for k, a in arrays.items()}, self._current,
-                                     metrics.get("num-examples"), self.max_update_norm)
-            if check.reason is not None:
-                self._entry(server_round)["rejected"][name] = check.reason
-                logger.warning("round %d: rejected %s's update: %s", server_round, name,
-                               check.reason)
-                continue
-            self._entry(server_round)["sites"].setdefault(name, {})["update_norm"] = check.norm
-            kept.append(msg)
-        return kept
+    def end_round(self, server_round: int) -> dict[str, Any]:
+        """Close ``server_round``'s history entry: hand it to ``on_round`` and return it."""
+        entry = self._entry(server_round)
+        if self.on_round is not None:
+            self.on_round(entry)
+        return entry
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """What a checkpoint keeps: (history and site names, FedAdam moments)."""
+        """What a checkpoint keeps: (history and the node -> label map, FedAdam moments)."""
         arrays = {f"m/{k}": v for k, v in self._m.items()}
         arrays.update({f"v/{k}": v for k, v in self._v.items()})
-        return ({"history": self.history,
-                 "site_names": {str(k): v for k, v in self.site_names.items()}}, arrays)
+        return {"history": self.history, "labels": self.labels.as_dict()}, arrays
 
     def restore(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         """Take back the state :meth:`state` gave."""
         self.history = list(state.get("history", []))
-        self.site_names = {int(k): v for k, v in state.get("site_names", {}).items()}
+        self.labels.restore(state.get("labels", state.get("site_names", {})))
         self._m = {k[2:]: v for k, v in arrays.items() if k.startswith("m/")}
         self._v = {k[2:]: v for k, v in arrays.items() if k.startswith("v/")}
+
+    # ------------------------------------------------------------------ training
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._current = {k: a.numpy() for k, a in arrays.items()}
         if self.aggregator == "fedprox":
-            config["proximal-mu"] = self.proximal_mu
+            config[PROXIMAL_MU] = self.proximal_mu
         return super().configure_train(server_round, arrays, config, grid)
+
+    def _parse_train(self, msg: Message) -> tuple[TrainReply | None, dict[str, np.ndarray],
+                                                  str | None]:
+        """The typed reply and its parameters, or a reason to reject it."""
+        try:
+            reply = TrainReply.parse(msg)
+            update = {k: a.numpy() for k, a in reply.arrays.items()}
+        except Exception as exc:  # a site's reply must never end the run
+            return None, {}, _malformed(exc)
+        return reply, update, check_weight(reply.weight)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        self._record(server_round, "train", replies)
-        accepted = self._accepted(server_round, replies)
-        usable = sum(not r.has_error() for r in accepted)
-        if usable < self.min_train_nodes:
-            logger.warning("round %d: %d usable update(s), min-sites is %d; keeping the global "
-                           "parameters", server_round, usable, self.min_train_nodes)
-            self._entry(server_round)["train"] = {}
-            return None, None
-        arrays, metrics = super().aggregate_train(server_round, accepted)
-        if arrays is not None and self.aggregator == "fedadam":
-            arrays = self._adam_step(arrays)
-        self._entry(server_round)["train"] = dict(metrics or {})
-        return arrays, metrics
+        entry = self._entry(server_round)
+        accepted: list[tuple[str, float, dict[str, np.ndarray], dict[str, float]]] = []
+        seen: set[int] = set()
+        for msg in replies:
+            label, node = self._who(msg)
+            if msg.has_error():
+                entry["refused"][f"{label} (train)"] = msg.error.reason
+                continue
+            if node in seen:
+                self._reject(entry, f"{label} (duplicate)", server_round, "train",
+                             "a second train reply from the same node in one round")
+                continue
+            seen.add(node)
+            reply, update, reason = self._parse_train(msg)
+            if reply is None or reason is not None:
+                self._reject(entry, label, server_round, "train", reason or "unparsed")
+                continue
+            site = self._site(entry, label, node)
+            site["train"] = {"weight": reply.weight, **reply.extras}
+            check = check_update(update, self._current, self.max_update_norm)
+            if check.reason is not None:
+                self._reject(entry, label, server_round, "train", check.reason)
+                continue
+            site["update_norm"] = check.norm
+            accepted.append((label, reply.weight, update, reply.extras))
+        entry["train"] = {}
+        if not accepted or len(accepted) < self.min_train_nodes:
+            return self._keep(entry, server_round, f"{len(accepted)} usable update(s), "
+                              f"min-sites is {self.min_train_nodes}")
+        weights = bound_weights([w for _, w, _, _ in accepted], self.max_weight_ratio)
+        for (label, _, _, _), weight in zip(accepted, weights, strict=True):
+            entry["sites"][label]["aggregation_weight"] = float(weight)
+        mean = self._weighted_mean([u for _, _, u, _ in accepted], weights)
+        moments = None
+        if self.aggregator == "fedadam":
+            mean, moments = self._adam_step(mean)
+        bad = sorted(k for k, v in mean.items() if not np.all(np.isfinite(v)))
+        if bad:
+            return self._keep(entry, server_round, f"the aggregate is not finite in {bad[:3]}")
+        if moments is not None:
+            self._m, self._v = moments
+        metrics = _mean_extras(e for _, _, _, e in accepted)
+        entry["train"] = metrics
+        return (ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in mean.items()}),
+                MetricRecord(metrics))
 
-    def _adam_step(self, mean: ArrayRecord) -> ArrayRecord:
-        updated = {}
-        for key, avg in ((k, a.numpy()) for k, a in mean.items()):
-            delta = avg - self._current[key]
-            m = self.beta_1 * self._m.get(key, np.zeros_like(delta)) + (1 - self.beta_1) * delta
-            v = self.beta_2 * self._v.get(key, np.zeros_like(delta)) + (1 - self.beta_2) * delta**2
-            self._m[key], self._v[key] = m, v
-            updated[key] = Array((self._current[key] + self.server_lr * m / (np.sqrt(v) + self.tau))
-                                 .astype(avg.dtype))
-        return ArrayRecord(updated)
+    def _keep(self, entry: dict[str, Any], server_round: int, reason: str
+              ) -> tuple[None, None]:
+        entry["kept_global"] = reason
+        logger.warning("round %d: keeping the global parameters: %s", server_round, reason)
+        return None, None
+
+    def _weighted_mean(self, updates: list[dict[str, np.ndarray]], weights: np.ndarray
+                       ) -> dict[str, np.ndarray]:
+        """The weighted mean of ``updates`` in float64, in the global parameters' dtypes."""
+        factors = weights / weights.sum()
+        out = {}
+        with np.errstate(over="ignore", invalid="ignore"):
+            for key, ref in self._current.items():
+                total = np.zeros(ref.shape, dtype=np.float64)
+                for update, factor in zip(updates, factors, strict=True):
+                    total += factor * update[key].astype(np.float64)
+                out[key] = total.astype(ref.dtype)
+        return out
+
+    def _adam_step(self, mean: dict[str, np.ndarray]
+                   ) -> tuple[dict[str, np.ndarray],
+                              tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+        """The Adam step towards ``mean`` and the new moments (not yet kept)."""
+        updated, ms, vs = {}, {}, {}
+        with np.errstate(over="ignore", invalid="ignore"):
+            for key, avg in mean.items():
+                delta = avg - self._current[key]
+                m = (self.beta_1 * self._m.get(key, np.zeros_like(delta))
+                     + (1 - self.beta_1) * delta)
+                v = (self.beta_2 * self._v.get(key, np.zeros_like(delta))
+                     + (1 - self.beta_2) * delta**2)
+                ms[key], vs[key] = m, v
+                updated[key] = (self._current[key] + self.server_lr * m / (np.sqrt(v) + self.tau)
+                                ).astype(avg.dtype)
+        return updated, (ms, vs)
+
+    # ---------------------------------------------------------------- evaluation
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        replies = list(replies)
-        self._record(server_round, "evaluate", replies)
-        metrics = super().aggregate_evaluate(server_round, replies)
+        """Sum the sites' noisy confusion counts; pooled and per-site accuracy from them.
+
+        The pooled figures come from the sum of the accepted replies' matrices
+        (negative cells clipped at 0, see :func:`confusion_metrics`), with
+        ``noise_std`` the noise standard deviation of each cell of the sum (the
+        square root of the sum of the sites' variances).
+        """
         entry = self._entry(server_round)
-        entry["evaluate"] = dict(metrics or {})
-        if self.on_round is not None:
-            self.on_round(entry)
-        return metrics
+        accepted: list[EvaluateReply] = []
+        seen: set[int] = set()
+        for msg in replies:
+            label, node = self._who(msg)
+            if msg.has_error():
+                entry["refused"][f"{label} (evaluate)"] = msg.error.reason
+                continue
+            key = f"{label} (evaluate)"
+            if node in seen:
+                self._reject(entry, f"{label} (evaluate, duplicate)", server_round, "evaluate",
+                             "a second evaluate reply from the same node in one round")
+                continue
+            seen.add(node)
+            try:
+                reply = EvaluateReply.parse(msg, self.num_classes)
+            except Exception as exc:  # a site's reply must never end the run
+                self._reject(entry, key, server_round, "evaluate", _malformed(exc))
+                continue
+            self._site(entry, label, node)["evaluate"] = {
+                **confusion_metrics(reply.confusion, reply.noise_std),
+                **_evaluate_extras(reply.extras)}
+            accepted.append(reply)
+        if not accepted:
+            entry["evaluate"] = {}
+            return None
+        pooled = confusion_metrics(sum(r.confusion for r in accepted),
+                                   math.sqrt(sum(r.noise_std ** 2 for r in accepted)))
+        pooled["sites"] = len(accepted)
+        pooled.update(_evaluate_extras(_mean_extras(r.extras for r in accepted)))
+        entry["evaluate"] = pooled
+        return MetricRecord({k: v for k, v in pooled.items()
+                             if isinstance(v, int | float) and not isinstance(v, bool)})

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Error,
-    Message,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import Array, ArrayRecord, Error, Message
+
+from common.messages import EvaluateReply, TrainReply
 
 SUPERLINK_NODE_ID = 1
 STEP = {2: 0.01, 3: 0.03}
 """What each fake site adds to every parameter per round (equal weights: the mean adds 0.02)."""
+CONFUSION = {2: np.array([[8.0, 2.0], [1.0, 9.0]]), 3: np.array([[5.0, 5.0], [0.0, 10.0]])}
+"""Each fake site's (noise-free) confusion counts, true class by row."""
 
 
 class Crash(RuntimeError):
@@ -24,6 +20,10 @@ class Crash(RuntimeError):
 
 class TrainingGrid:
     """Two sites that shift every parameter by a fixed step and report metrics.
+
+    Train replies are :class:`TrainReply` records with equal weights (1) and a
+    ``compute-seconds`` extra; evaluate replies :class:`EvaluateReply` records with
+    the site's :data:`CONFUSION` counts (noise std 0).
 
     ``silent`` maps a round to the nodes that do not answer in it (too slow);
     ``unavailable`` to the nodes the SuperLink answers for with an error, as it
@@ -60,11 +60,15 @@ class TrainingGrid:
                 error.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
                 replies.append(error)
                 continue
-            content = RecordDict({"metrics": MetricRecord({"num-examples": 10, "loss": 0.5}),
-                                  "site": ConfigRecord({"name": f"site-{node}"})})
+            name = f"site-{node}"
             if msg.metadata.message_type == "train":
-                content["arrays"] = ArrayRecord({
+                arrays = ArrayRecord({
                     k: Array(a.numpy() + np.asarray(STEP[node], dtype=a.numpy().dtype))
                     for k, a in msg.content["arrays"].items()})
+                content = TrainReply(arrays=arrays, weight=1.0, site=name,
+                                     extras={"compute-seconds": 0.5}).to_content()
+            else:
+                content = EvaluateReply(confusion=CONFUSION[node], noise_std=0.0,
+                                        site=name).to_content()
             replies.append(Message(content, reply_to=msg))
         return replies

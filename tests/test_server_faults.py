@@ -11,18 +11,20 @@ import pytest
 from common.federation_config import FederationConfig
 from server.app import run_federation
 from server.run_records import FINAL_ARRAYS_FILE, HISTORY_FILE, load_arrays
-from tests.fake_grids import STEP, TrainingGrid
+from tests.fake_grids import CONFUSION, STEP, TrainingGrid
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
 
-def _cfg(tmp_path: Path, min_sites: int) -> FederationConfig:
+def _cfg(tmp_path: Path, min_sites: int, evaluations: int = 3) -> FederationConfig:
     return FederationConfig(num_sites=2, prevalences=(0.5, 0.5), num_rounds=3, dp=False,
-                            shift=False, min_sites=min_sites, state_dir=str(tmp_path))
+                            shift=False, min_sites=min_sites, state_dir=str(tmp_path),
+                            evaluations=evaluations)
 
 
-def _run(tmp_path: Path, grid: TrainingGrid, min_sites: int) -> tuple[dict, np.ndarray]:
-    run_federation(grid, _cfg(tmp_path, min_sites))
+def _run(tmp_path: Path, grid: TrainingGrid, min_sites: int, evaluations: int = 3
+         ) -> tuple[dict, np.ndarray]:
+    run_federation(grid, _cfg(tmp_path, min_sites, evaluations))
     history = json.loads((tmp_path / HISTORY_FILE).read_text())
     final = load_arrays(tmp_path / FINAL_ARRAYS_FILE)
     return history, np.concatenate([a.numpy().ravel() for a in final.values()])
@@ -55,3 +57,21 @@ def test_below_min_sites_the_global_parameters_are_kept(tmp_path: Path) -> None:
     assert history["rounds"][1]["missing"]["train"] == ["site-3"]
     # Round 2 aggregated nothing: one round's mean step fewer than the full run.
     np.testing.assert_allclose(full - with_gap, (STEP[2] + STEP[3]) / 2, atol=1e-6)
+
+
+def test_only_the_last_evaluations_rounds_evaluate_from_the_summed_confusion_counts(
+        tmp_path: Path) -> None:
+    grid = TrainingGrid()
+    history, _ = _run(tmp_path, grid, min_sites=1, evaluations=1)
+    rounds = history["rounds"]
+    assert [r["evaluate"] != {} for r in rounds] == [False, False, True]
+    assert {c["server-round"] for c in grid.configs[-2:]} == {3}
+    assert all("evaluate" not in site for r in rounds[:2] for site in r["sites"].values())
+    pooled = rounds[2]["evaluate"]
+    total = CONFUSION[2] + CONFUSION[3]
+    assert pooled["accuracy"] == pytest.approx(np.trace(total) / total.sum())
+    assert pooled["balanced_accuracy"] == pytest.approx((13 / 20 + 19 / 20) / 2)
+    assert pooled["sites"] == 2 and pooled["noise_std"] == 0.0
+    assert rounds[2]["sites"]["site-3"]["evaluate"]["balanced_accuracy"] == pytest.approx(0.75)
+    assert rounds[2]["sites"]["site-2"]["node"] == 2
+    assert rounds[0]["train"] == {"compute-seconds": 0.5}

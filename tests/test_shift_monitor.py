@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message
 
+from common.label_shift import num_bins
+from common.messages import SHIFT_QUERY_TYPE, DeploymentReply, MomentsReply
 from common.norm_moments import MomentLayout
 from server.shift_monitor import CENTRING_CLIP_FACTOR, ShiftMonitor
 
@@ -16,6 +18,8 @@ COUNTS = np.array([300.0, 700.0])
 BASE = np.zeros((2, 3, 2))
 BASE[1] += 0.4
 SHIFTED = BASE + np.array([0.3, -0.2])  # every layer's offset up, spread down
+BINS = num_bins(2)
+VAL_HIST = np.array([[0, 0, 10, 60, 20, 10, 0, 0], [0, 0, 5, 10, 25, 60, 0, 0]], dtype=float)
 
 
 class FakeGrid:
@@ -32,19 +36,24 @@ class FakeGrid:
                          ) -> list[Message]:
         replies = []
         for msg in messages:
+            assert msg.metadata.message_type == SHIFT_QUERY_TYPE
             config = dict(msg.content["config"])
             self.asked.append(config)
+            node = msg.metadata.dst_node_id
+            if config["kind"] == "deployment":
+                reply = DeploymentReply(val_hist=VAL_HIST, val_noise_std=1.0, site=f"s{node}",
+                                        pool_hist=VAL_HIST.sum(axis=0), pool_noise_std=1.0,
+                                        priors=(0.4, 0.6), extras={"corrected.auroc": 0.9})
+                replies.append(Message(reply.to_content(), reply_to=msg))
+                continue
             centre = np.asarray(config["moment-centre"]).reshape(BASE.shape)
-            u = self.features[msg.metadata.dst_node_id] - centre
+            u = self.features[node] - centre
             sums = np.zeros((2, 3, 3))
             sums[:, :, :2] = COUNTS[:, None, None] * u
             sums[:, :, 2] = COUNTS[:, None] * (u**2).sum(axis=2) / config["moment-clip"]
-            content = RecordDict({
-                "summaries": ArrayRecord({"sums": Array(sums), "counts": Array(COUNTS.copy())}),
-                "metrics": MetricRecord({"sum-noise-std": 1e-9, "count-noise-std": 1e-9}),
-                "site": ConfigRecord({"name": f"s{msg.metadata.dst_node_id}"}),
-            })
-            replies.append(Message(content, reply_to=msg))
+            reply = MomentsReply(sums=sums, counts=COUNTS.copy(), sum_noise_std=1e-9,
+                                 count_noise_std=1e-9, site=f"s{node}")
+            replies.append(Message(reply.to_content(), reply_to=msg))
         return replies
 
 
@@ -69,3 +78,23 @@ def test_first_round_finds_the_centre_at_a_wide_clip_then_rounds_accumulate() ->
     assert not sites["s1"]["covariate_flagged"] and not sites["s2"]["covariate_flagged"]
     assert [r["clip"] for r in monitor.rounds] == [LAYOUT.clip * CENTRING_CLIP_FACTOR, LAYOUT.clip]
     np.testing.assert_allclose(monitor.training_priors()["s1"], COUNTS / COUNTS.sum())
+
+
+def test_queries_carry_the_run_key_and_deployment_reads_the_typed_reply() -> None:
+    grid = FakeGrid()
+    monitor = ShiftMonitor(grid, LAYOUT, num_classes=2, run_key="run-7")
+    monitor.moments_round(1, ArrayRecord())
+    final = monitor.deployment(1, ArrayRecord())
+    assert {c["run-key"] for c in grid.asked} == {"run-7"}
+    assert set(grid.asked[-1]) == {"kind", "server-round", "run-key"}
+    site = final["sites"]["s1"]
+    assert site["site_mlls_prior"] == [0.4, 0.6]
+    assert site["metrics"] == {"corrected": {"auroc": 0.9}}
+    assert len(site["deployment_prior"]) == 2 and "concept_gap" in site
+    assert monitor.refused == {}
+
+
+def test_without_a_run_key_none_is_sent() -> None:
+    grid = FakeGrid()
+    ShiftMonitor(grid, LAYOUT, num_classes=2).moments_round(1, ArrayRecord())
+    assert all("run-key" not in c for c in grid.asked)
