@@ -128,15 +128,14 @@ def _site_results(cfg: FederationConfig, sites: tuple[SiteData, ...],
 def ledger_figures(ledger_path: Path, cfg: FederationConfig) -> dict[str, Any]:
     """A ledger's privacy spent and its DP-SGD parameters, as results report them."""
     ledger = PrivacyLedger(ledger_path, cfg.epsilon, cfg.delta)
-    sgd = [e for e in ledger.entries()
-           if e["kind"] == "gaussian" and e.get("mechanism", "dp-sgd") == "dp-sgd"]
+    sgd = [e for e in ledger.entries() if e.kind == "gaussian" and e.mechanism == "dp-sgd"]
     return {
         "epsilon_spent": ledger.epsilon_spent(), "delta": ledger.delta,
         "epsilon_by_part": {p: ledger.epsilon_spent(p) for p in PARTS},
         "composition": ledger.composition,
-        "noise_multiplier": sgd[-1]["noise_multiplier"] if sgd else None,
-        "sample_rate": sgd[-1]["sample_rate"] if sgd else None,
-        "steps": sum(e["steps"] for e in sgd),
+        "noise_multiplier": sgd[-1].noise_multiplier if sgd else None,
+        "sample_rate": sgd[-1].sample_rate if sgd else None,
+        "steps": sum(e.steps for e in sgd),
         "ledger": str(ledger_path),
     }
 
