@@ -81,7 +81,7 @@ def reservations(site: SiteRuntime) -> tuple[Reservation, ...]:
         out.append(Reservation("evaluation", "test", cfg.evaluation_noise, evaluations))
     if shift:
         out.append(Reservation("score-histogram", "validation", cfg.histogram_noise, 1))
-        if len(site.data.labels.get("pool", ())):
+        if len(site.data.images.get("pool", ())):
             out.append(Reservation("score-histogram", "deployment", cfg.histogram_noise, 1))
     return tuple(out)
 

@@ -12,11 +12,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from client.app import ERROR_BAD_REQUEST, ERROR_BUDGET_EXCEEDED, make_client_app
 from client.privacy_ledger import PrivacyLedger
 from client.release_policy import SitePolicy
+from client.site_config import load_site_config
 from common.federated_data import SiteData, load_federation
 from common.federation_config import FederationConfig
 from common.model_surgery import build_model
 from common.norm_moments import moment_layout
 from common.trainable_arrays import trainable_arrays
+from tests.site_files import write_site
 
 pytestmark = pytest.mark.usefixtures("server_identity")
 
@@ -136,3 +138,19 @@ def test_server_clip_scales_the_noise_not_the_cost_and_bad_centres_cost_nothing(
         cfg.moment_noise * wide.sensitivity)
     [entry] = [e for e in _ledger(cfg).entries() if e.mechanism == "moments"]
     assert entry.noise_multiplier == pytest.approx(cfg.moment_noise / math.sqrt(2))
+
+
+def test_a_deployed_sites_unlabelled_pool_gets_its_reserved_histogram(
+        tmp_path: Path) -> None:
+    node = load_site_config(write_site(tmp_path, pool=6)).node_config()
+    run = FederationConfig(image_size=16, num_rounds=1, moment_layers=4,
+                           state_dir=str(tmp_path / "server-state"))
+    arrays = trainable_arrays(build_model(run.model_spec()))
+    msg = Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(
+        {"kind": "deployment", "server-round": 1})}), dst_node_id=7, message_type="query.shift")
+    reply = make_client_app(run)(msg, Context(run_id=42, node_id=7, node_config=node,
+                                              state=RecordDict(), run_config={}))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert reply.content["summaries"]["pool-hist"].numpy().shape == (8,)
+    ledger = PrivacyLedger(Path(node["ledger-path"]), 1.0, 1e-5)
+    assert {e.part for e in ledger.entries()} == {"validation", "deployment"}
