@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -259,6 +259,23 @@ class FedShiftStrategy(FedAvg):
         self._m = {k[2:]: v for k, v in arrays.items() if k.startswith("m/")}
         self._v = {k[2:]: v for k, v in arrays.items() if k.startswith("v/")}
 
+    def _answers(self, entry: dict[str, Any], server_round: int, phase: str,
+                 replies: Iterable[Message]) -> Iterator[tuple[str, int, Message]]:
+        """(label, node, reply) of each node's first reply that is not an error; a site's
+        refusal goes to ``refused``, a second reply from one node to ``rejected``."""
+        seen: set[int] = set()
+        tag = "" if phase == "train" else f"{phase}, "
+        for msg in replies:
+            label, node = self._who(msg)
+            if msg.has_error():
+                entry["refused"][f"{label} ({phase})"] = msg.error.reason
+            elif node in seen:
+                self._reject(entry, f"{label} ({tag}duplicate)", server_round, phase,
+                             f"a second {phase} reply from the same node in one round")
+            else:
+                seen.add(node)
+                yield label, node, msg
+
     # ------------------------------------------------------------------ training
 
     def configure_train(
@@ -284,17 +301,7 @@ class FedShiftStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         entry = self._entry(server_round)
         accepted: list[tuple[str, float, dict[str, np.ndarray], dict[str, float]]] = []
-        seen: set[int] = set()
-        for msg in replies:
-            label, node = self._who(msg)
-            if msg.has_error():
-                entry["refused"][f"{label} (train)"] = msg.error.reason
-                continue
-            if node in seen:
-                self._reject(entry, f"{label} (duplicate)", server_round, "train",
-                             "a second train reply from the same node in one round")
-                continue
-            seen.add(node)
+        for label, node, msg in self._answers(entry, server_round, "train", replies):
             reply, update, reason = self._parse_train(msg)
             if reply is None or reason is not None:
                 self._reject(entry, label, server_round, "train", reason or "unparsed")
@@ -378,22 +385,12 @@ class FedShiftStrategy(FedAvg):
         """
         entry = self._entry(server_round)
         accepted: list[EvaluateReply] = []
-        seen: set[int] = set()
-        for msg in replies:
-            label, node = self._who(msg)
-            if msg.has_error():
-                entry["refused"][f"{label} (evaluate)"] = msg.error.reason
-                continue
-            key = f"{label} (evaluate)"
-            if node in seen:
-                self._reject(entry, f"{label} (evaluate, duplicate)", server_round, "evaluate",
-                             "a second evaluate reply from the same node in one round")
-                continue
-            seen.add(node)
+        for label, node, msg in self._answers(entry, server_round, "evaluate", replies):
             try:
                 reply = EvaluateReply.parse(msg, self.num_classes)
             except Exception as exc:  # a site's reply must never end the run
-                self._reject(entry, key, server_round, "evaluate", _malformed(exc))
+                self._reject(entry, f"{label} (evaluate)", server_round, "evaluate",
+                             _malformed(exc))
                 continue
             self._site(entry, label, node)["evaluate"] = {
                 **confusion_metrics(reply.confusion, reply.noise_std),
