@@ -281,10 +281,6 @@ class PrivacyLedger:
         return [e for e in self._entries if e.kind == "gaussian" and e.run == run_key
                 and e.mechanism == mechanism and (part is None or e.part == part)]
 
-    def steps_taken(self, run_key: str) -> int:
-        """DP-SGD steps recorded for ``run_key``."""
-        return sum(e.steps for e in self.made(run_key, "dp-sgd"))
-
     # ----------------------------------------------------------------- updates
 
     def check(self, release: GaussianRelease, what: str, part: str = "train") -> float:

@@ -63,7 +63,6 @@ from server.site_labels import SiteLabels, addressed_node, destinations
 
 logger = logging.getLogger(__name__)
 
-QUERY_TYPE = SHIFT_QUERY_TYPE
 CENTRING_CLIP_FACTOR = 4.0
 
 

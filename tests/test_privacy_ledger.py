@@ -51,7 +51,7 @@ def test_state_survives_a_restart(tmp_path: Path) -> None:
     restarted = PrivacyLedger(path, target_epsilon=3.0, delta=1e-5)
     assert restarted.epsilon_spent() == spent
     assert restarted.plan("run-7") == plan
-    assert restarted.steps_taken("run-7") == 10
+    assert [e.steps for e in restarted.made("run-7", "dp-sgd")] == [10]
     assert [e.kind for e in restarted.entries()] == ["gaussian", "allowed"]
     # A second plan for the same run does not replace the first.
     restarted.charge(ROUND, "run-7", 2, "round 2", plan=NoisePlan(9.0, 0.5, 1, 1))
