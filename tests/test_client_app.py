@@ -217,3 +217,21 @@ def test_a_personal_bn_site_keeps_its_own_scale_shift_and_evaluates_with_them(
     # Another run starts from the global scale/shift.
     fresh = _send(cfg, MessageType.EVALUATE, scrambled, 1, node, **{"run-key": "r2"})
     assert fresh.content["metrics"]["loss"] != pytest.approx(own.content["metrics"]["loss"])
+
+
+def test_a_dp_count_weight_is_released_once_per_run_and_charged(cfg: FederationConfig) -> None:
+    cfg = cfg.replace(num_rounds=2)
+    node = {"partition-id": 1, "aggregation-weights": "dp-count", "count-noise": 5.0}
+    initial = trainable_arrays(build_model(cfg.model_spec()))
+    first = _send(cfg, MessageType.TRAIN, initial, 1, node)
+    second = _send(cfg, MessageType.TRAIN, initial, 2, node)
+    ledger = PrivacyLedger(Path(cfg.state_dir) / "ledgers" / "site-1.json", 2.0, cfg.delta)
+    [count] = [e for e in ledger.entries() if e.mechanism == "count"]
+    assert (count.part, count.noise_multiplier) == ("train", 5.0)
+    n = len(load_federation(cfg)[1].labels["train"])
+    weight = first.content["metrics"]["weight"]
+    assert weight == count.value == second.content["metrics"]["weight"]
+    assert abs(weight - n) < 40  # 8 noise standard deviations
+    plan = ledger.plan("42")
+    assert plan is not None and plan.reservation("count", "train") is not None
+    assert ledger.epsilon_spent() <= 2.0
