@@ -22,8 +22,6 @@ which reserved its cost before DP-SGD's noise was sized.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
@@ -46,8 +44,6 @@ from common.messages import DeploymentReply, MomentsReply, Request
 from common.norm_moments import image_moments, moment_layout
 from common.prediction import predict_logits
 from common.private_summaries import noisy_class_sums, noisy_histogram
-
-logger = logging.getLogger(__name__)
 
 
 def _centre(request: Request, shape: tuple[int, int, int]) -> np.ndarray:

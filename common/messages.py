@@ -90,20 +90,16 @@ def _number(record: Mapping[str, Any], key: str, what: str, *, low: float = -mat
 
 def _no_unknown(record: Mapping[str, Any], known: set[str], what: str,
                 prefixes: tuple[str, ...] = ()) -> None:
-    unknown = sorted(k for k in record if k not in known and not k.startswith(prefixes)
-                     ) if prefixes else sorted(set(record) - known)
+    unknown = sorted(k for k in record if k not in known and not k.startswith(prefixes))
     if unknown:
         raise MessageError(f"{what}: unknown key(s) {', '.join(map(repr, unknown[:5]))}; "
                            f"known: {', '.join(sorted(known)) or 'none'}")
 
 
-def allowed_extra_keys(releases: frozenset[str] | set[str]) -> tuple[set[str], tuple[str, ...]]:
-    """Reply keys (exact, prefixes) the named non-DP ``releases`` add."""
-    keys = [k for r in releases for k in NON_DP_RELEASES[r]]
-    return {k for k in keys if not k.endswith(".")}, tuple(k for k in keys if k.endswith("."))
-
-
-ALL_EXTRA_KEYS, ALL_EXTRA_PREFIXES = allowed_extra_keys(set(NON_DP_RELEASES))
+_EXTRA_KEYS = [k for keys in NON_DP_RELEASES.values() for k in keys]
+ALL_EXTRA_KEYS = {k for k in _EXTRA_KEYS if not k.endswith(".")}
+ALL_EXTRA_PREFIXES = tuple(k for k in _EXTRA_KEYS if k.endswith("."))
+"""Reply keys (exact, prefixes) some named non-DP release may add."""
 
 
 def check_run_key(key: str) -> str:

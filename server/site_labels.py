@@ -110,7 +110,3 @@ class SiteLabels:
     def restore(self, state: Mapping[str, str]) -> None:
         """Take back the map :meth:`as_dict` gave (merged into this one)."""
         self._labels.update({int(node): str(label) for node, label in state.items()})
-
-    def to_mapping(self) -> dict[int, str]:
-        """A copy of the map, node id to label."""
-        return dict(self._labels)

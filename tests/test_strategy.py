@@ -176,7 +176,7 @@ def test_state_round_trip_keeps_history_labels_and_adam_moments() -> None:
     again = _strategy(aggregator="fedadam", server_lr=0.1)
     again.restore(state, arrays)
     assert again.history == strategy.history
-    assert again.labels.to_mapping() == {1: "a", 2: "a@node-2"}
+    assert again.labels.as_dict() == {"1": "a", "2": "a@node-2"}
     second = [_reply(1, "a", 3.0, 1.0)]
     np.testing.assert_array_equal(again.aggregate_train(2, second)[0]["w"].numpy(),
                                   strategy.aggregate_train(2, second)[0]["w"].numpy())
