@@ -5,10 +5,16 @@ Poisson-subsampled Gaussian mechanism with noise multiplier ``sigma`` and sample
 rate ``q`` (``q = 1`` is the plain Gaussian mechanism). Releases compose in Renyi
 DP (Mironov 2017; Mironov, Talwar, Zhang 2019) and convert to (epsilon, delta)
 with the conversion Opacus uses (Balle et al. 2020), over Opacus's default orders.
+
+A release's Renyi divergence is linear in its steps, so the per-step curve is
+computed once per (sample rate, noise multiplier) and kept for the process: at
+sample rate 1/2 Opacus's series for fractional orders takes about 0.3 s a call,
+and a site's ledger asks for the same curves on every check and charge.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,6 +34,14 @@ class GaussianRelease:
     steps: int
 
 
+@functools.lru_cache(maxsize=4096)
+def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> tuple[float, ...]:
+    """Renyi divergence of one step at each of :data:`RDP_ORDERS` (Opacus's analysis)."""
+    rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                      orders=list(RDP_ORDERS))
+    return tuple(float(v) for v in rdp)
+
+
 def epsilon_spent(releases: Iterable[GaussianRelease], delta: float) -> float:
     """Epsilon of all ``releases`` composed, at ``delta``; 0 when there are none."""
     if not 0 < delta < 1:
@@ -38,9 +52,8 @@ def epsilon_spent(releases: Iterable[GaussianRelease], delta: float) -> float:
         if r.steps <= 0:
             continue
         any_release = True
-        rdp = compute_rdp(q=r.sample_rate, noise_multiplier=r.noise_multiplier,
-                          steps=r.steps, orders=list(RDP_ORDERS))
-        total = [a + float(b) for a, b in zip(total, rdp, strict=True)]
+        per_step = _rdp_per_step(float(r.sample_rate), float(r.noise_multiplier))
+        total = [a + b * r.steps for a, b in zip(total, per_step, strict=True)]
     if not any_release:
         return 0.0
     eps, _ = get_privacy_spent(orders=list(RDP_ORDERS), rdp=total, delta=delta)
