@@ -1,9 +1,10 @@
 """Local fine-tuning at a site, under DP-SGD (Opacus) or without privacy.
 
 The DP path uses Poisson sampling, per-sample clipping to ``clip`` and Gaussian
-noise of ``noise_multiplier * clip``; Opacus's own accountant is not used: the
-caller charges the returned (noise multiplier, sample rate, steps) to the site's
-privacy ledger.
+noise of ``noise_multiplier * clip`` (:mod:`client.dp_sgd` for the modes that
+train only affines, adapter and head; Opacus's ``make_private`` otherwise);
+Opacus's own accountant is not used: the caller charges the returned (noise
+multiplier, sample rate, steps) to the site's privacy ledger.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from client.dp_sgd import FlatDPSGD, poisson_batch, supports
 from common.model_surgery import FedShiftModel, param_groups
 
 logger = logging.getLogger(__name__)
@@ -108,64 +110,126 @@ def train_locally(
     """Train ``model`` in place for one round; DP when ``noise_multiplier`` is given.
 
     The number of steps is :func:`steps_per_round` in both modes, so DP and
-    non-DP runs see the same amount of data. Under DP neither the Poisson sampling
+    non-DP runs see the same amount of data. Under DP, the modes that train some
+    layers (``bn+head``, ``bn``, ``head``, ``partial:K``) train with
+    :class:`client.dp_sgd.FlatDPSGD`; those that train every layer with Opacus's
+    ``make_private`` and functorch.
+    Both use Poisson sampling at :func:`poisson_sample_rate`; neither the sampling
     nor the noise is seeded: privacy amplification and the Gaussian mechanism both
     assume that randomness stays secret.
     """
     n = len(labels)
     if n == 0:
         raise ValueError("no training examples at this site")
+    if noise_multiplier is not None and not model.mode.allows_dp:
+        raise ValueError(
+            f"transfer mode {model.mode} keeps BatchNorm, which DP-SGD cannot train; "
+            "use bn+head, bn, head or partial:K with DP, or turn DP off"
+        )
     model.to(device).train()
-    global_params = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(model, cfg)
-    dataset = TensorDataset(images, labels)
-    sample_rate = poisson_sample_rate(n, cfg.batch_size)
-    criterion = nn.CrossEntropyLoss()
+    run = _Run(model, cfg, device)
     if noise_multiplier is None:
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True)
-        net: nn.Module = model
+        _train_plain(run, images, labels)
+    elif model.mode.trains_everything or not supports(model):
+        _train_opacus(run, images, labels, noise_multiplier)
     else:
-        if not model.mode.allows_dp:
-            raise ValueError(
-                f"transfer mode {model.mode} keeps BatchNorm, which DP-SGD cannot train; "
-                "use bn+head, bn, head or partial:K with DP, or turn DP off"
-            )
-        with warnings.catch_warnings():
-            # Opacus warns that its secure RNG (torchcsprng) is off; noise comes
-            # from torch's default generator, unseeded.
-            warnings.filterwarnings("ignore", message="Secure RNG turned off")
-            net, optimizer, loader = PrivacyEngine(accountant="rdp").make_private(
-                module=model, optimizer=optimizer,
-                data_loader=DataLoader(dataset, batch_size=cfg.batch_size),
-                noise_multiplier=noise_multiplier, max_grad_norm=cfg.clip, poisson_sampling=True,
-                grad_sample_mode=_grad_sample_mode(model),
-            )
-        if not math.isclose(loader.sample_rate, sample_rate):
-            raise RuntimeError(
-                f"Opacus samples at rate {loader.sample_rate}, the ledger would record "
-                f"{sample_rate}; refusing to train with mismatched accounting"
-            )
-    steps, loss_sum, loss_count = 0, 0.0, 0
-    with warnings.catch_warnings():
-        # The input does not require grad, so Opacus's full backward hooks fire on
-        # output gradients only, which is all its grad samplers use.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        for _ in range(cfg.epochs):
-            for x, y in loader:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                loss = criterion(net(x), y)
-                loss.backward()
-                loss_sum += float(loss.detach()) * len(y)
-                loss_count += len(y)
-                optimizer.step()
-                _proximal_step(model, global_params, optimizer, cfg.proximal_mu)
-                steps += 1
-    if net is not model:
-        net.remove_hooks()
+        _train_flat_dp(run, images, labels, noise_multiplier)
     model.eval()
-    return TrainingOutcome(steps=steps, examples=loss_count,
-                           mean_loss=loss_sum / max(loss_count, 1), sample_rate=sample_rate)
+    return TrainingOutcome(steps=run.steps, examples=run.loss_count,
+                           mean_loss=run.loss_sum / max(run.loss_count, 1),
+                           sample_rate=poisson_sample_rate(n, cfg.batch_size))
+
+
+class _Run:
+    """One round's optimizer, FedProx anchor and running tallies."""
+
+    def __init__(self, model: FedShiftModel, cfg: LocalTrainingConfig,
+                 device: torch.device) -> None:
+        self.model, self.cfg, self.device = model, cfg, device
+        self.optimizer = _optimizer(model, cfg)
+        self.global_params = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        self.steps, self.loss_sum, self.loss_count = 0, 0.0, 0
+
+    def finish_step(self, loss_sum: float, count: int) -> None:
+        self.optimizer.step()
+        _proximal_step(self.model, self.global_params, self.optimizer, self.cfg.proximal_mu)
+        self.loss_sum += loss_sum
+        self.loss_count += count
+        self.steps += 1
+
+
+def _train_plain(run: _Run, images: torch.Tensor, labels: torch.Tensor) -> None:
+    criterion = nn.CrossEntropyLoss()
+    for _ in range(run.cfg.epochs):
+        for index in torch.randperm(len(labels)).split(run.cfg.batch_size):
+            x = images[index].to(run.device, non_blocking=True)
+            y = labels[index].to(run.device, non_blocking=True)
+            run.optimizer.zero_grad(set_to_none=True)
+            loss = criterion(run.model(x), y)
+            loss.backward()
+            run.finish_step(float(loss.detach()) * len(y), len(y))
+
+
+def _train_flat_dp(run: _Run, images: torch.Tensor, labels: torch.Tensor,
+                   noise_multiplier: float) -> None:
+    n = len(labels)
+    sample_rate = poisson_sample_rate(n, run.cfg.batch_size)
+    dp = FlatDPSGD(run.model, run.cfg.clip, noise_multiplier, sample_rate * n)
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    dp.attach()
+    try:
+        for _ in range(steps_per_round(n, run.cfg)):
+            index = poisson_batch(n, sample_rate, torch.device("cpu"))
+            run.optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            if len(index):
+                x = images[index].to(run.device, non_blocking=True)
+                y = labels[index].to(run.device, non_blocking=True)
+                loss = criterion(run.model(x), y)
+                loss.backward()
+                loss_sum = float(loss.detach())
+            dp.set_gradients(dp.noisy_gradient(len(index), run.device))
+            run.finish_step(loss_sum, len(index))
+    finally:
+        dp.detach()
+
+
+def _train_opacus(run: _Run, images: torch.Tensor, labels: torch.Tensor,
+                  noise_multiplier: float) -> None:
+    sample_rate = poisson_sample_rate(len(labels), run.cfg.batch_size)
+    with warnings.catch_warnings():
+        # Opacus warns that its secure RNG (torchcsprng) is off; noise comes
+        # from torch's default generator, unseeded.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        net, optimizer, loader = PrivacyEngine(accountant="rdp").make_private(
+            module=run.model, optimizer=run.optimizer,
+            data_loader=DataLoader(TensorDataset(images, labels),
+                                   batch_size=run.cfg.batch_size),
+            noise_multiplier=noise_multiplier, max_grad_norm=run.cfg.clip,
+            poisson_sampling=True, grad_sample_mode=_grad_sample_mode(run.model),
+        )
+    if not math.isclose(loader.sample_rate, sample_rate):
+        raise RuntimeError(
+            f"Opacus samples at rate {loader.sample_rate}, the ledger would record "
+            f"{sample_rate}; refusing to train with mismatched accounting"
+        )
+    run.optimizer = optimizer
+    criterion = nn.CrossEntropyLoss()
+    try:
+        with warnings.catch_warnings():
+            # The input does not require grad, so Opacus's full backward hooks fire on
+            # output gradients only, which is all its grad samplers use.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for _ in range(run.cfg.epochs):
+                for x, y in loader:
+                    x = x.to(run.device, non_blocking=True)
+                    y = y.to(run.device, non_blocking=True)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = criterion(net(x), y)
+                    loss.backward()
+                    run.finish_step(float(loss.detach()) * len(y), len(y))
+    finally:
+        net.remove_hooks()
 
 
 @torch.no_grad()

@@ -5,10 +5,14 @@ and refuses trainable modules that hold buffers. :func:`replace_batchnorm` swaps
 every BatchNorm for a :class:`NormAffine`: a :class:`FrozenNorm` (statistics as
 buffers, nothing trainable) followed by a :class:`ChannelAffine` (the per-channel
 scale and shift, parameters only), with an Opacus grad sampler registered for the
-affine so that per-sample gradients come from tensors the backward pass already has.
+affine so that per-sample gradients come from tensors the backward pass already has;
+the affine's own backward forms them too, for :mod:`client.dp_sgd`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from opacus.grad_sample import register_grad_sampler
@@ -51,8 +55,57 @@ class FrozenNorm(nn.Module):
         return torch.addcmul(shift, x, scale)
 
 
+PerSampleSink = Callable[[dict[nn.Parameter, torch.Tensor]], None]
+
+
+def _per_sample_affine_grads(x: torch.Tensor, g: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``n``'s scale and shift gradients, (N, C) each: ``sum(g[n] * x[n])`` and
+    ``sum(g[n])`` over the non-channel axes (a batched dot product: no N x C x H x W
+    temporary)."""
+    return torch.einsum("nc...,nc...->nc", g, x), torch.einsum("nc...->nc", g)
+
+
+class _ChannelAffineFunction(torch.autograd.Function):
+    """``x * weight + bias`` per channel, whose backward reduces the parameter
+    gradients from the per-sample ones (cheaper than autograd's elementwise product
+    and sum) and hands those to a sink when one is set."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                sink: PerSampleSink | None) -> torch.Tensor:
+        return torch.addcmul(_channel_view(bias, x.ndim), x, _channel_view(weight, x.ndim))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        x, weight, bias, sink = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.params = (weight, bias)
+        ctx.sink = sink
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad_x = g * _channel_view(weight, g.ndim) if ctx.needs_input_grad[0] else None
+        grad_w = grad_b = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            per_w, per_b = _per_sample_affine_grads(x, g)
+            if ctx.sink is not None:
+                ctx.sink({p: gs for p, gs, needed in zip(ctx.params, (per_w, per_b),
+                                                          ctx.needs_input_grad[1:3],
+                                                          strict=True) if needed})
+            grad_w = per_w.sum(0) if ctx.needs_input_grad[1] else None
+            grad_b = per_b.sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
 class ChannelAffine(nn.Module):
     """Trainable per-channel scale and shift: ``x * weight + bias``.
+
+    The backward pass forms each sample's scale/shift gradient on the way to the
+    parameter gradient; set ``per_sample_sink`` to a callable and it receives them
+    (``{parameter: (N, C) tensor}``, trainable parameters only) on every backward
+    pass, which is how :class:`client.dp_sgd.FlatDPSGD` gets them for free.
 
     Parameters
     ----------
@@ -66,30 +119,23 @@ class ChannelAffine(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone().float())
         self.bias = nn.Parameter(bias.detach().clone().float())
+        self.per_sample_sink: PerSampleSink | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(
-            _channel_view(self.bias, x.ndim), x, _channel_view(self.weight, x.ndim)
-        )
+        return _ChannelAffineFunction.apply(x, self.weight, self.bias, self.per_sample_sink)
 
 
 @register_grad_sampler(ChannelAffine)
 def channel_affine_grad_sample(
     layer: ChannelAffine, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[nn.Parameter, torch.Tensor]:
-    """Per-sample gradients of :class:`ChannelAffine`.
-
-    For input ``x`` and output gradient ``g`` of shape (N, C, ...), sample ``n``'s
-    gradient is ``sum(g[n] * x[n])`` over the non-channel axes for the scale and
-    ``sum(g[n])`` for the shift.
-    """
-    x = activations[0]
+    """Per-sample gradients of :class:`ChannelAffine` for Opacus's hooks."""
+    per_w, per_b = _per_sample_affine_grads(activations[0], backprops)
     grads: dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight.requires_grad:
-        # A batched dot product per (sample, channel): no N x C x H x W temporary.
-        grads[layer.weight] = torch.einsum("nc...,nc...->nc", backprops, x)
+        grads[layer.weight] = per_w
     if layer.bias.requires_grad:
-        grads[layer.bias] = torch.einsum("nc...->nc", backprops)
+        grads[layer.bias] = per_b
     return grads
 
 

@@ -118,3 +118,43 @@ def test_per_sample_gradients_equal_autograd(arch: str) -> None:
         torch.testing.assert_close(p.grad_sample, expected[key], atol=1e-10, rtol=1e-8)
         checked += 1
     assert checked == len(expected) > 40
+
+
+def test_channel_affine_backward_equals_autograd_of_the_plain_expression() -> None:
+    """The affine's own backward (and the per-sample gradients it hands to a sink)
+    against autograd through ``addcmul``, in double precision."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 3, 5, 6, generator=gen, dtype=torch.float64)
+    g = torch.randn(4, 3, 5, 6, generator=gen, dtype=torch.float64)
+    layer = ChannelAffine(torch.randn(3, generator=gen), torch.randn(3, generator=gen)).double()
+    received: list[dict[nn.Parameter, torch.Tensor]] = []
+    layer.per_sample_sink = received.append
+    xin = x.clone().requires_grad_(True)
+    (layer(xin) * g).sum().backward()
+
+    def plain(xs: torch.Tensor, gs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        xs = xs.clone().requires_grad_(True)
+        w = layer.weight.detach().clone().requires_grad_(True)
+        b = layer.bias.detach().clone().requires_grad_(True)
+        (torch.addcmul(b.view(1, -1, 1, 1), xs, w.view(1, -1, 1, 1)) * gs).sum().backward()
+        return xs.grad, w.grad, b.grad
+
+    gx, gw, gb = plain(x, g)
+    torch.testing.assert_close(xin.grad, gx, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(layer.weight.grad, gw, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(layer.bias.grad, gb, atol=1e-12, rtol=1e-12)
+    assert len(received) == 1 and set(received[0]) == {layer.weight, layer.bias}
+    for n in range(len(x)):
+        _, gw_n, gb_n = plain(x[n:n + 1], g[n:n + 1])
+        torch.testing.assert_close(received[0][layer.weight][n], gw_n, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(received[0][layer.bias][n], gb_n, atol=1e-12, rtol=1e-12)
+
+
+def test_frozen_affine_parameters_get_no_gradient_and_reach_no_sink() -> None:
+    layer = ChannelAffine(torch.ones(2), torch.zeros(2)).requires_grad_(False)
+    received: list[dict[nn.Parameter, torch.Tensor]] = []
+    layer.per_sample_sink = received.append
+    x = torch.randn(3, 2, 4, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.weight.grad is None and received == []
+    torch.testing.assert_close(x.grad, torch.ones_like(x))

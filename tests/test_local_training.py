@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from client import local_training
 from client.local_training import (
     LocalTrainingConfig,
     _proximal_step,
@@ -53,3 +55,16 @@ def test_proximal_step_moves_each_parameter_towards_the_global_one() -> None:
     # w - lr * mu * (w - g) with w - g = 1: the gap shrinks by 20 %.
     torch.testing.assert_close(head.weight - global_params[0],
                                torch.full_like(head.weight, 0.8))
+
+
+def test_dp_takes_the_flat_path_unless_every_layer_trains(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    taken: list[str] = []
+    monkeypatch.setattr(local_training, "_train_flat_dp", lambda *a: taken.append("flat"))
+    monkeypatch.setattr(local_training, "_train_opacus", lambda *a: taken.append("opacus"))
+    images, labels = _data(8)
+    cfg = LocalTrainingConfig(batch_size=4, clip=0.1)
+    for mode in ("bn+head", "head", "partial:1", "full-gn"):
+        train_locally(build_model(ModelSpec(mode=mode)), images, labels, cfg, 1.0,
+                      torch.device("cpu"))
+    assert taken == ["flat", "flat", "flat", "opacus"]
