@@ -13,126 +13,82 @@ from its node config and win over the run config where both exist:
     from the site's TOML file; see :mod:`client.site_config`).
 ``device``
     ``cuda``, ``cpu`` or ``auto`` (default: CUDA when available).
+``worker-socket``, ``worker-key-file``
+    Set by ``fedshift site run``: the site's worker process
+    (:mod:`client.site_worker`) answers the message, and this process only
+    forwards it (:mod:`client.worker_link`).
 Release settings and limits
     :class:`client.release_policy.SitePolicy` (``release-non-dp``,
     ``aggregation-weights``, ``max-evaluations``, ``composition``, ``max-rounds``, ...).
 
-Every request is parsed by :class:`common.messages.Request` (unknown keys and
-malformed values are refused) and every reply is one of the typed records of
-:mod:`common.messages`, holding DP releases charged to the ledger and only the
-non-DP values the site's policy names. A request the site already answered
-(the same kind and round of the same run, as a resumed server sends) gets the
-recorded reply: nothing is computed or charged again.
+What a site does with a message is :func:`client.message_handlers.answer`. A
+deployed SuperNode starts a new ClientApp process for every message, so with a
+worker this module imports nothing heavy: the worker holds torch, the model and
+the images, warm from one message to the next.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
-from flwr.app import ArrayRecord, Context, Error, Message
+from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
-from client.privacy_ledger import BudgetExceeded, LedgerError
-from client.release_policy import SitePolicy
-from client.shift_queries import answer_shift_query
-from client.site_runtime import SiteLoader, SiteRuntime, resolve_site
-from client.site_work import evaluate_site, train_site
-from common.federated_data import load_federation
-from common.federation_config import ConfigError, FederationConfig
-from common.medmnist_files import DataFileError
-from common.messages import (
-    ARRAYS,
-    DeploymentReply,
-    EvaluateReply,
-    MessageError,
-    MomentsReply,
-    Request,
-    TrainReply,
-)
-from common.trainable_arrays import ArrayMismatch
+from client.worker_link import WORKER_SOCKET, WorkerRequest, ask_worker
+from common.messages import SHIFT_QUERY_TYPE, Refusal
+
+if TYPE_CHECKING:
+    from client.release_policy import SitePolicy
+    from common.federated_data import SiteData
+    from common.federation_config import FederationConfig
 
 logger = logging.getLogger(__name__)
 
-ERROR_BUDGET_EXCEEDED = 4001
-ERROR_BAD_REQUEST = 4002
-ERROR_SITE_DATA = 4003
-ERROR_NOT_ALLOWED = 4004
 
-Reply = TrainReply | EvaluateReply | MomentsReply | DeploymentReply
-Handler = Callable[[SiteRuntime, ArrayRecord, Request], Reply]
-
-
-class ReleaseNotAllowed(PermissionError):
-    """The site's policy does not allow this release."""
-
-
-def _error_reply(msg: Message, code: int, reason: str) -> Message:
-    logger.warning("refusing %s: %s", msg.metadata.message_type, reason)
-    return Message(Error(code=code, reason=reason), reply_to=msg)
-
-
-def _guarded(handler: Handler, config: FederationConfig | None, load_sites: SiteLoader,
-             policy: SitePolicy | None) -> Callable[[Message, Context], Message]:
+def _handle(config: FederationConfig | None,
+            load_sites: Callable[[FederationConfig], Sequence[SiteData]] | None,
+            policy: SitePolicy | None) -> Callable[[Message, Context], Message]:
     def run(msg: Message, context: Context) -> Message:
-        who = str(context.node_config.get("site-name", f"node {context.node_id}"))
-        try:
-            cfg = config or FederationConfig.from_flower(context.run_config)
-            request = Request.parse(msg, str(context.run_id))
-            site = resolve_site(cfg, dict(context.node_config), request.run_key, load_sites,
-                                policy)
-            who = site.name
-            kind = f"{msg.metadata.message_type}-{request.kind}".rstrip("-")
-            if site.archive is not None:
-                sent = site.archive.load(kind, request.server_round)
-                if sent is not None:
-                    logger.info("%s: %s round %d answered already; sending the same reply",
-                                site.name, kind, request.server_round)
-                    return Message(sent, reply_to=msg)
-            content = handler(site, msg.content.array_records[ARRAYS], request).to_content()
-            if site.archive is not None:
-                site.archive.save(kind, request.server_round, content)
-            return Message(content, reply_to=msg)
-        except BudgetExceeded as exc:
-            return _error_reply(msg, ERROR_BUDGET_EXCEEDED, f"{who}: {exc}")
-        except ReleaseNotAllowed as exc:
-            return _error_reply(msg, ERROR_NOT_ALLOWED, f"{who}: {exc}")
-        except (DataFileError, LedgerError) as exc:
-            return _error_reply(msg, ERROR_SITE_DATA, f"{who}: {exc}")
-        except (ConfigError, MessageError, ArrayMismatch, ValueError, KeyError) as exc:
-            return _error_reply(msg, ERROR_BAD_REQUEST, f"{who}: {type(exc).__name__}: {exc}")
+        node_config = dict(context.node_config)
+        request = WorkerRequest(
+            message_type=msg.metadata.message_type, run_id=str(context.run_id),
+            node_id=int(context.node_id), run_config=dict(context.run_config),
+            content=msg.content if msg.has_content() else None,
+        )
+        if WORKER_SOCKET in node_config:
+            outcome = ask_worker(node_config, request)
+        else:
+            # Imported here: torch, the model and the data load only where the
+            # message is answered in this process.
+            from client.message_handlers import answer
+
+            outcome = answer(request.message_type, request.content, request.run_id,
+                             request.node_id, node_config, request.run_config, config,
+                             load_sites, policy)
+        if isinstance(outcome, Refusal):
+            return Message(Error(code=outcome.code, reason=outcome.reason), reply_to=msg)
+        return Message(outcome, reply_to=msg)
 
     return run
 
 
-def _shift(site: SiteRuntime, arrays: ArrayRecord, request: Request
-           ) -> MomentsReply | DeploymentReply:
-    policy = site.policy
-    refused = [key for key, allowed in (("shift_summaries", policy.shift_summaries),
-                                        ("label_histograms", policy.label_histograms))
-               if not allowed]
-    if refused and (request.kind == "moments" or not policy.shift_summaries):
-        raise ReleaseNotAllowed(
-            f"site {site.name} does not release {' or '.join(refused)} ([releases] "
-            f"{' = false, '.join(refused)} = false in its site file); moment summaries carry "
-            "per-class counts, so they need both"
-        )
-    return answer_shift_query(site, arrays, request)
-
-
 def make_client_app(config: FederationConfig | None = None,
-                    load_sites: SiteLoader = load_federation,
+                    load_sites: Callable[[FederationConfig], Sequence[SiteData]] | None = None,
                     policy: SitePolicy | None = None) -> ClientApp:
     """A ClientApp using ``config`` (or each run's Flower run config when None).
 
     ``load_sites`` gives the simulated sites' data for a config (simulations with
-    scenario files pass their own); ``policy`` is the simulated sites' release
-    policy (None: each node config's, with the defaults).
+    scenario files pass their own; None: :func:`common.federated_data.load_federation`);
+    ``policy`` is the simulated sites' release policy (None: each node config's,
+    with the defaults).
     """
     app = ClientApp()
-    app.train()(_guarded(train_site, config, load_sites, policy))
-    app.evaluate()(_guarded(evaluate_site, config, load_sites, policy))
-    app.query("shift")(_guarded(_shift, config, load_sites, policy))
+    handle = _handle(config, load_sites, policy)
+    app.train()(handle)
+    app.evaluate()(handle)
+    app.query(SHIFT_QUERY_TYPE.removeprefix("query."))(handle)
     return app
 
 

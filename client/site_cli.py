@@ -1,26 +1,42 @@
 """``fedshift site check|run|unit CONFIG``: run a hospital site as a Flower SuperNode.
 
 ``check`` prints the verdicts of :func:`client.site_check.check_site`; ``run``
-checks, then replaces itself with ``flower-supernode`` connected to the
-SuperLink with TLS and SuperNode authentication, the site's settings passed as
-node config; ``unit`` prints a hardened systemd service that runs ``run``.
+checks, then starts the site's worker (:mod:`client.site_worker`, which keeps
+the site warm between messages) and ``flower-supernode`` connected to the
+SuperLink with TLS and SuperNode authentication, the site's settings and the
+worker's socket passed as node config, and supervises both: when one stops, it
+stops the other and exits, so that systemd restarts the pair; ``unit`` prints a
+hardened systemd service that runs ``run``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shlex
 import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import TextIO
 
 from client.site_check import CheckResult, Verdict, check_site
 from client.site_config import NodeConfig, SiteConfig, SiteConfigError, load_site_config
+from client.worker_link import WORKER_KEY_FILE, WORKER_SOCKET
 
 SUPERNODE = "flower-supernode"
 RESTART_SEC = 30
+WORKER_START_SECONDS = 300.0
+"""How long ``run`` waits for the worker to listen before giving up."""
+STOP_SECONDS = 10.0
+"""How long a stopped process gets to exit before it is killed."""
 
 UNIT_TEMPLATE = """\
 # systemd service of fedshift site {name}. Install as
@@ -126,7 +142,8 @@ def _executable(name: str) -> str | None:
     return shutil.which(name)
 
 
-def supernode_command(config: SiteConfig, executable: str = SUPERNODE) -> list[str]:
+def supernode_command(config: SiteConfig, executable: str = SUPERNODE,
+                      worker: tuple[Path, Path] | None = None) -> list[str]:
     """The ``flower-supernode`` command line for ``config`` (TLS and authentication on).
 
     Parameters
@@ -135,7 +152,12 @@ def supernode_command(config: SiteConfig, executable: str = SUPERNODE) -> list[s
         The site's settings.
     executable : str (default: "flower-supernode")
         The program to put first.
+    worker : (socket, key file) or None (default: None)
+        The site worker the ClientApps forward to; None: they answer themselves.
     """
+    node_config = dict(config.node_config())
+    if worker is not None:
+        node_config.update({WORKER_SOCKET: str(worker[0]), WORKER_KEY_FILE: str(worker[1])})
     link = config.superlink
     trusted = ["--trusted-entities", str(link.trusted_entities)] if link.trusted_entities else []
     return [
@@ -143,11 +165,81 @@ def supernode_command(config: SiteConfig, executable: str = SUPERNODE) -> list[s
         "--superlink", link.address,
         "--root-certificates", str(link.ca_certificate),
         "--auth-supernode-private-key", str(link.private_key),
-        "--node-config", node_config_arg(config.node_config()),
+        "--node-config", node_config_arg(node_config),
         "--isolation", "subprocess",
         "--port", str(link.clientapp_port),
         *trusted,
     ]
+
+
+def worker_command(config: SiteConfig, socket_path: Path, key_file: Path) -> list[str]:
+    """The command line of the site's worker process."""
+    return [sys.executable, "-m", "client.site_worker", str(config.source),
+            "--socket", str(socket_path), "--key-file", str(key_file)]
+
+
+@contextmanager
+def _private_folder() -> Iterator[Path]:
+    """A fresh folder only this account can enter (removed afterwards), holding a new
+    worker key; the worker's socket goes beside it."""
+    with tempfile.TemporaryDirectory(prefix="fedshift-site-") as folder:
+        path = Path(folder)
+        os.chmod(path, 0o700)
+        key = path / "worker.key"
+        fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(32))
+        yield path
+
+
+def _stop(process: subprocess.Popen) -> int:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait()
+
+
+def run_supervised(config: SiteConfig, executable: str) -> int:
+    """Start the worker, then the SuperNode; stop both when either stops (or on
+    SIGTERM/SIGINT). Returns the exit code of the one that stopped first."""
+    stopping: list[int] = []
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stopping.append(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with _private_folder() as folder:
+            socket_path, key_file = folder / "worker.sock", folder / "worker.key"
+            worker = subprocess.Popen(worker_command(config, socket_path, key_file))
+            deadline = time.monotonic() + WORKER_START_SECONDS
+            while not socket_path.exists():
+                if worker.poll() is not None or stopping or time.monotonic() > deadline:
+                    code = _stop(worker)
+                    if not stopping:
+                        print(f"fedshift: error: the site worker did not start (exit code "
+                              f"{code}); see its log above", file=sys.stderr)
+                    return code or 1
+                time.sleep(0.1)
+            supernode = subprocess.Popen(supernode_command(config, executable,
+                                                           (socket_path, key_file)))
+            processes = {"worker": worker, "flower-supernode": supernode}
+            while not stopping and all(p.poll() is None for p in processes.values()):
+                time.sleep(0.5)
+            first = next((name for name, p in processes.items() if p.poll() is not None),
+                         None)
+            codes = {name: _stop(p) for name, p in processes.items()}
+            if first is not None:
+                print(f"fedshift: {first} stopped (exit code {codes[first]}); stopped the "
+                      "other too", file=sys.stderr)
+                return codes[first] or 1
+            return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _systemd_quote(arg: str) -> str:
@@ -197,7 +289,8 @@ def run_site_command(args: argparse.Namespace) -> int:
     int
         0 on success; 1 when the config file is unusable, a check fails (``check``,
         ``run``) or flower-supernode cannot be found. ``run`` without
-        ``--dry-run`` does not return: flower-supernode replaces this process.
+        ``--dry-run`` returns when the worker or the SuperNode stops (see
+        :func:`run_supervised`).
     """
     try:
         config = load_site_config(args.config)
@@ -211,7 +304,10 @@ def run_site_command(args: argparse.Namespace) -> int:
         return 0
     if args.dry_run:
         ok = _checked(config, sys.stderr)
-        print(shlex.join(supernode_command(config)))
+        folder = Path(tempfile.gettempdir()) / "fedshift-site-XXXXXXXX"
+        worker = (folder / "worker.sock", folder / "worker.key")
+        print(shlex.join(worker_command(config, *worker)))
+        print(shlex.join(supernode_command(config, SUPERNODE, worker)))
         return 0 if ok else 1
     if not _checked(config, sys.stderr):
         print("fedshift: error: the site fails its checks; not starting the SuperNode",
@@ -224,4 +320,4 @@ def run_site_command(args: argparse.Namespace) -> int:
         return 1
     sys.stderr.flush()
     sys.stdout.flush()
-    os.execv(executable, supernode_command(config, executable))
+    return run_supervised(config, executable)

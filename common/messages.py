@@ -44,6 +44,22 @@ MOMENT_CLIP = "moment-clip"
 SHIFT_QUERY_TYPE = "query.shift"
 SHIFT_KINDS = ("moments", "deployment")
 
+# Codes of a site's refusals (Flower ``Error`` replies); the reason says why.
+ERROR_BUDGET_EXCEEDED = 4001
+ERROR_BAD_REQUEST = 4002
+ERROR_SITE_DATA = 4003
+ERROR_NOT_ALLOWED = 4004
+ERROR_SITE_WORKER = 4005
+"""The site's worker process could not be reached or did not answer."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A request a site refuses: one of the codes above and the reason, for a person."""
+
+    code: int
+    reason: str
+
 RUN_KEY_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 """What a run key may be: it names files and ledger entries at the site."""
 
@@ -143,13 +159,15 @@ class Request:
         return ConfigRecord(out)
 
     @classmethod
-    def parse(cls, msg: Message, default_run_key: str) -> Request:
-        """The request a message carries; :class:`MessageError` when it is malformed."""
-        what = f"{msg.metadata.message_type} request"
-        if not msg.has_content() or CONFIG not in msg.content.config_records:
+    def parse(cls, message_type: str, content: RecordDict | None, default_run_key: str
+              ) -> Request:
+        """The request a message of ``message_type`` carries in ``content`` (None: no
+        content); :class:`MessageError` when it is malformed."""
+        what = f"{message_type} request"
+        if content is None or CONFIG not in content.config_records:
             raise MessageError(f"{what}: the message has no {CONFIG!r} record")
-        config = msg.content.config_records[CONFIG]
-        shift = msg.metadata.message_type == SHIFT_QUERY_TYPE
+        config = content.config_records[CONFIG]
+        shift = message_type == SHIFT_QUERY_TYPE
         known = {SERVER_ROUND, RUN_KEY}
         known |= {KIND, MOMENT_CENTRE, MOMENT_CLIP} if shift else {PROXIMAL_MU}
         _no_unknown(config, known, what)
@@ -173,7 +191,7 @@ class Request:
                         and math.isfinite(v) for v in values):
                     raise _fail(what, MOMENT_CENTRE, "must be a list of finite numbers")
                 centre = tuple(float(v) for v in values)
-        if ARRAYS not in msg.content.array_records:
+        if ARRAYS not in content.array_records:
             raise MessageError(f"{what}: the message has no {ARRAYS!r} record")
         return cls(server_round=int(round_ or 0), run_key=check_run_key(key), proximal_mu=mu,
                    kind=kind, moment_centre=centre, moment_clip=clip)

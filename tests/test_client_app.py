@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client.app import (
-    ERROR_BAD_REQUEST,
-    ERROR_BUDGET_EXCEEDED,
-    ERROR_NOT_ALLOWED,
-    ERROR_SITE_DATA,
-    make_client_app,
-)
+from client.app import make_client_app
 from client.local_training import LocalTrainingConfig, steps_per_round
 from client.personal_params import personal_names
 from client.privacy_ledger import PrivacyLedger
 from common.federated_data import load_federation
 from common.federation_config import FederationConfig
+from common.messages import (
+    ERROR_BAD_REQUEST,
+    ERROR_BUDGET_EXCEEDED,
+    ERROR_NOT_ALLOWED,
+    ERROR_SITE_DATA,
+)
 from common.model_surgery import build_model
 from common.privacy_accounting import GaussianRelease, epsilon_spent
 from common.trainable_arrays import trainable_arrays

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client.app import ERROR_BAD_REQUEST, ERROR_BUDGET_EXCEEDED, ERROR_SITE_DATA, make_client_app
+from client.app import make_client_app
 from client.privacy_ledger import PrivacyLedger
 from common.federation_config import FederationConfig
+from common.messages import ERROR_BAD_REQUEST, ERROR_BUDGET_EXCEEDED, ERROR_SITE_DATA
 from common.model_surgery import build_model
 from common.trainable_arrays import trainable_arrays
 from tests.independent_accountant import epsilon as independent_epsilon

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-from client.app import ERROR_BAD_REQUEST, ERROR_BUDGET_EXCEEDED, make_client_app
+from client.app import make_client_app
 from client.privacy_ledger import PrivacyLedger
 from client.release_policy import SitePolicy
 from client.site_config import load_site_config
 from common.federated_data import SiteData, load_federation
 from common.federation_config import FederationConfig
+from common.messages import ERROR_BAD_REQUEST, ERROR_BUDGET_EXCEEDED
 from common.model_surgery import build_model
 from common.norm_moments import moment_layout
 from common.trainable_arrays import trainable_arrays

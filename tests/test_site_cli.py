@@ -47,7 +47,10 @@ def test_dry_run_prints_a_supernode_command_flower_parses_back(
         site_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert _run(["site", "run", str(site_file), "--dry-run"]) == 0
     captured = capsys.readouterr()
-    argv = shlex.split(captured.out)
+    worker_line, supernode_line = captured.out.splitlines()
+    worker = shlex.split(worker_line)
+    assert worker[1:4] == ["-m", "client.site_worker", str(site_file)]
+    argv = shlex.split(supernode_line)
     assert argv[0] == "flower-supernode"
     flags = _flags(argv)
     config = load_site_config(site_file)
@@ -57,7 +60,10 @@ def test_dry_run_prints_a_supernode_command_flower_parses_back(
     assert flags["--isolation"] == "subprocess"
     assert flags["--port"] == str(config.superlink.clientapp_port)
     assert "--insecure" not in argv
-    assert parse_config_args([flags["--node-config"]]) == config.node_config()
+    node_config = parse_config_args([flags["--node-config"]])
+    assert node_config.pop("worker-socket") == _flags(worker)["--socket"]
+    assert node_config.pop("worker-key-file") == _flags(worker)["--key-file"]
+    assert node_config == config.node_config()
     assert "OK" in captured.err and "FAIL" not in captured.err  # the checks ran
 
 
