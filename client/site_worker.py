@@ -20,6 +20,7 @@ import argparse
 import logging
 import sys
 import threading
+import time
 from multiprocessing.connection import AuthenticationError, Connection, Listener
 from pathlib import Path
 
@@ -37,8 +38,12 @@ def handle(config: SiteConfig, data: bytes) -> bytes:
         request = WorkerRequest.from_bytes(data)
     except MessageError as exc:
         return WorkerReply(Refusal(ERROR_BAD_REQUEST, f"{config.name}: {exc}")).to_bytes()
+    start = time.perf_counter()
     outcome = answer(request.message_type, request.content, request.run_id, request.node_id,
                      dict(config.node_config()), request.run_config)
+    logger.info("%s: %s message of run %s %s in %.2f s", config.name, request.message_type,
+                request.run_id, "refused" if isinstance(outcome, Refusal) else "answered",
+                time.perf_counter() - start)
     return WorkerReply(outcome).to_bytes()
 
 
@@ -83,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key-file", type=Path, required=True,
                         help="file holding the worker key (private to the site's account)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # force: an import on the way (Ray's, through Flower) has configured the root logger.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        force=True)
     try:
         config = load_site_config(args.config)
         key = read_worker_key(args.key_file)

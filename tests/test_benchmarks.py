@@ -7,15 +7,17 @@ memory measured, finite overheads, bn+head sending under 2 % of the model).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from simulations.benchmarks import dp_throughput, round_overhead, site_scaling
-from simulations.benchmarks.round_overhead import PHASES, phase_figures
+from simulations.benchmarks.round_overhead import PHASES, best_schedule, phase_figures
 
 TINY_SIMULATION = ["--image-size", "16", "--batch-size", "32", "--rounds", "1"]
 
@@ -86,6 +88,9 @@ def test_round_overhead_reports_each_phase_of_each_round(
         assert f["overhead_beyond_slots_s"] <= f["overhead_s"]
         assert math.isfinite(f["wall_over_sum"]) and f["wall_over_sum"] > 0
         assert math.isfinite(figures["mean_overhead_s"][phase])
+        assert f["max_site_s"] <= f["best_schedule_s"] <= f["sum_site_s"]
+        cost = figures["message_fixed_cost_s"][phase]
+        assert cost["warm_s"] > 0 and cost["cold_s"] > 0
     assert 1 <= figures["sites_at_a_time"] <= 2
     assert figures["simulate_wall_s"] > 0
     assert 0 < figures["bytes_fraction"] < 0.02
@@ -106,3 +111,19 @@ def test_site_scaling_reports_time_and_memory_per_site_count(
     assert row["simulate_wall_s"] >= row["server_train_s_per_round"]
     assert math.isfinite(row["overhead_beyond_slots_s_per_round"])
     assert figures["memory_method"]
+
+
+def test_best_schedule_is_the_shortest_whole_site_schedule() -> None:
+    def brute_force(times: list[float], slots: int) -> float:
+        return min(max(sum(t for t, w in zip(times, assignment, strict=True) if w == k)
+                       for k in range(slots))
+                   for assignment in itertools.product(range(slots), repeat=len(times)))
+
+    rng = random.Random(4)
+    assert best_schedule([14.0, 14.0, 14.0], 2) == 28.0  # not the lower bound 21
+    assert best_schedule([], 2) == 0.0 and best_schedule([3.0], 4) == 3.0
+    for _ in range(30):
+        times = [round(rng.uniform(0.5, 9.0), 2) for _ in range(rng.randint(2, 7))]
+        slots = rng.randint(1, 3)
+        exact = brute_force(times, slots)
+        assert exact - 1e-9 <= best_schedule(times, slots) <= exact * 1.001 + 1e-9
