@@ -96,7 +96,10 @@ class FlatDPSGD:
         ``sample_rate * examples``; the noisy sum is divided by it.
 
     Use :meth:`attach` before the forward pass of training and :meth:`detach`
-    after; between them every forward records what its backward needs.
+    after; between them every forward records what its backward needs. A step:
+    forward and backward on the sampled batch (in chunks if need be), each followed
+    by :meth:`clip_and_accumulate`, then :meth:`noisy_gradient` and
+    :meth:`set_gradients`.
     """
 
     def __init__(self, model: nn.Module, clip: float, noise_multiplier: float,
@@ -121,6 +124,7 @@ class FlatDPSGD:
         self._offsets: dict[nn.Parameter, int] = offsets
         self.num_params = total
         self._flat: torch.Tensor | None = None
+        self._sum: torch.Tensor | None = None
         self._handles: list[RemovableHandle] = []
         self._attached = False
 
@@ -173,32 +177,39 @@ class FlatDPSGD:
     def per_sample_gradients(self) -> torch.Tensor:
         """The (batch, parameters) per-sample gradients of the last backward pass."""
         if self._flat is None:
-            raise RuntimeError("no backward pass has run since the last step")
+            raise RuntimeError("no backward pass has run since the last accumulation")
         return self._flat
 
-    def noisy_gradient(self, batch: int, device: torch.device) -> torch.Tensor:
-        """The flat DP gradient of the last backward pass (a batch of ``batch`` samples),
-        then ready for the next one.
+    def clip_and_accumulate(self) -> None:
+        """Clip each sample's gradient of the last backward pass and add it to the step's sum.
 
         Each sample's gradient is scaled to norm at most ``clip`` (factor
-        ``clip / (norm + 1e-6)``, capped at 1, as Opacus does), the scaled
-        gradients are summed, Gaussian noise of standard deviation
-        ``noise_multiplier * clip`` is added to every coordinate and the result
-        divided by the expected batch size. An empty batch gives noise alone.
+        ``clip / (norm + 1e-6)``, capped at 1, as Opacus does). A step's Poisson
+        batch may be processed in several chunks, one backward pass each: the
+        sum is the same, and no chunk needs more memory than the expected batch.
         """
-        if batch:
-            flat = self.per_sample_gradients()
-            if flat.shape[0] != batch:
-                raise RuntimeError(f"per-sample gradients of {flat.shape[0]} samples for a "
-                                   f"batch of {batch}")
-            norms = torch.linalg.vector_norm(flat, dim=1)
-            factors = (self.clip / (norms + 1e-6)).clamp(max=1.0)
-            summed = factors @ flat
-        else:
-            summed = torch.zeros(self.num_params, device=device)
+        flat = self.per_sample_gradients()
+        norms = torch.linalg.vector_norm(flat, dim=1)
+        factors = (self.clip / (norms + 1e-6)).clamp(max=1.0)
+        summed = factors @ flat
+        self._sum = summed if self._sum is None else self._sum + summed
+        self._flat = None
+
+    def noisy_gradient(self, device: torch.device) -> torch.Tensor:
+        """The step's flat DP gradient, then ready for the next step.
+
+        The sum of the clipped per-sample gradients accumulated since the last
+        step (zero for an empty batch), plus Gaussian noise of standard deviation
+        ``noise_multiplier * clip`` on every coordinate, divided by the expected
+        batch size.
+        """
+        if self._flat is not None:
+            raise RuntimeError("per-sample gradients of a backward pass were not accumulated")
+        summed = self._sum if self._sum is not None else torch.zeros(self.num_params,
+                                                                     device=device)
         noise = torch.normal(0.0, self.noise_multiplier * self.clip, size=summed.shape,
                              device=summed.device, dtype=summed.dtype)
-        self._flat = None
+        self._sum = None
         return (summed + noise) / self.expected_batch_size
 
     def set_gradients(self, flat_grad: torch.Tensor) -> None:

@@ -182,13 +182,16 @@ def _train_flat_dp(run: _Run, images: torch.Tensor, labels: torch.Tensor,
             index = poisson_batch(n, sample_rate, torch.device("cpu"))
             run.optimizer.zero_grad(set_to_none=True)
             loss_sum = 0.0
-            if len(index):
-                x = images[index].to(run.device, non_blocking=True)
-                y = labels[index].to(run.device, non_blocking=True)
+            # A Poisson batch above the expected size goes through in chunks of at
+            # most that size: the same clipped sum, no more memory than non-DP.
+            for chunk in index.split(run.cfg.batch_size):
+                x = images[chunk].to(run.device, non_blocking=True)
+                y = labels[chunk].to(run.device, non_blocking=True)
                 loss = criterion(run.model(x), y)
                 loss.backward()
-                loss_sum = float(loss.detach())
-            dp.set_gradients(dp.noisy_gradient(len(index), run.device))
+                dp.clip_and_accumulate()
+                loss_sum += float(loss.detach())
+            dp.set_gradients(dp.noisy_gradient(run.device))
             run.finish_step(loss_sum, len(index))
     finally:
         dp.detach()

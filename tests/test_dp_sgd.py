@@ -85,7 +85,8 @@ def test_clipped_step_equals_opacus_dp_optimizer() -> None:
     nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
     dp.detach()
     flat = dp.per_sample_gradients().clone()
-    dp.set_gradients(dp.noisy_gradient(len(x), torch.device("cpu")))
+    dp.clip_and_accumulate()
+    dp.set_gradients(dp.noisy_gradient(torch.device("cpu")))
     names = _names(model)
     ref_names = {n.removeprefix("_module."): p for n, p in reference.named_parameters()}
     for p in dp.params:
@@ -94,10 +95,29 @@ def test_clipped_step_equals_opacus_dp_optimizer() -> None:
     assert (torch.linalg.vector_norm(flat, dim=1) > clip * 1.01).any()
 
 
+def test_a_batch_in_chunks_gives_the_same_step_as_in_one_piece() -> None:
+    model, x = _model("lite0")
+    y = torch.randint(0, 3, (len(x),))
+    steps = []
+    for chunks in ((slice(0, 5),), (slice(0, 2), slice(2, 5))):
+        dp = FlatDPSGD(model, clip=0.05, noise_multiplier=0.0, expected_batch_size=4.0)
+        dp.attach()
+        for part in chunks:
+            nn.functional.cross_entropy(model(x[part]), y[part], reduction="sum").backward()
+            dp.clip_and_accumulate()
+        dp.detach()
+        steps.append(dp.noisy_gradient(torch.device("cpu")))
+    torch.testing.assert_close(steps[0], steps[1], atol=1e-13, rtol=1e-10)
+    with pytest.raises(RuntimeError, match="not accumulated"):
+        dp.attach()
+        nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+        dp.noisy_gradient(torch.device("cpu"))
+
+
 def test_noise_has_the_planned_scale_and_an_empty_batch_still_steps() -> None:
     model = build_model(ModelSpec(num_classes=2, in_channels=1))
     dp = FlatDPSGD(model, clip=0.1, noise_multiplier=2.0, expected_batch_size=8.0)
-    grad = dp.noisy_gradient(0, torch.device("cpu"))
+    grad = dp.noisy_gradient(torch.device("cpu"))
     assert grad.shape == (dp.num_params,) and dp.num_params > 10_000
     expected_std = 2.0 * 0.1 / 8.0
     assert float(grad.std()) == pytest.approx(expected_std, rel=0.05)

@@ -31,10 +31,15 @@ def test_heterogeneous_releases_compose() -> None:
     assert ours > epsilon_spent([GaussianRelease(*releases[0])], 1e-6)
 
 
-def test_noise_for_budget_is_tight_and_never_overshoots() -> None:
-    sigma = noise_for_budget(1.0, 1e-5, 1 / 7, 35)
-    assert epsilon_spent([GaussianRelease(sigma, 1 / 7, 35)], 1e-5) <= 1.0
-    assert epsilon_spent([GaussianRelease(sigma * 0.99, 1 / 7, 35)], 1e-5) > 1.0
+@pytest.mark.parametrize(("target", "q", "steps"), [(1.0, 1 / 7, 35), (1.0, 0.5, 2),
+                                                   (0.3, 0.5, 10), (8.0, 0.01, 1000),
+                                                   (1.0, 1.0, 3)])
+def test_noise_for_budget_is_tight_and_never_overshoots(target: float, q: float,
+                                                        steps: int) -> None:
+    sigma = noise_for_budget(target, 1e-5, q, steps)
+    assert epsilon_spent([GaussianRelease(sigma, q, steps)], 1e-5) <= target
+    # Within the search's relative tolerance (1e-3) of the smallest noise that fits.
+    assert epsilon_spent([GaussianRelease(sigma * (1 - 2e-3), q, steps)], 1e-5) > target
 
 
 def test_noise_for_budget_accounts_for_what_was_spent() -> None:

@@ -20,7 +20,7 @@ from client.app import make_client_app
 from client.privacy_ledger import PrivacyLedger
 from client.site_cli import run_supervised
 from client.site_config import SiteConfig, load_site_config
-from client.site_worker import serve
+from client.site_worker import handle, serve
 from client.worker_link import (
     WORKER_KEY_FILE,
     WORKER_SOCKET,
@@ -29,7 +29,7 @@ from client.worker_link import (
     read_worker_key,
 )
 from common.federation_config import FederationConfig
-from common.messages import ERROR_SITE_WORKER, MessageError, Refusal
+from common.messages import ERROR_BAD_REQUEST, ERROR_SITE_WORKER, MessageError, Refusal
 from common.model_surgery import build_model
 from common.trainable_arrays import trainable_arrays
 from tests.site_files import write_site
@@ -167,3 +167,13 @@ def test_run_starts_the_worker_first_and_stops_it_when_the_supernode_stops(
     socket_path = node_config.split('worker-socket="')[1].split('"')[0]
     assert socket_path.endswith("worker.sock")
     assert not Path(socket_path).parent.exists()  # the private folder and its key are gone
+
+
+def test_the_worker_refuses_garbage_and_message_types_a_site_does_not_answer(
+        tmp_path: Path) -> None:
+    config = load_site_config(write_site(tmp_path / "site"))
+    for data in (b"garbage", WorkerRequest("query.other", "42", 7, {}, None).to_bytes()):
+        outcome = WorkerReply.from_bytes(handle(config, data)).outcome
+        assert isinstance(outcome, Refusal) and outcome.code == ERROR_BAD_REQUEST
+        assert outcome.reason.startswith(config.name)
+    assert not config.privacy.ledger.exists()
