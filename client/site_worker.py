@@ -24,10 +24,12 @@ import time
 from multiprocessing.connection import AuthenticationError, Connection, Listener
 from pathlib import Path
 
+from flwr.app import RecordDict
+
 from client.message_handlers import answer
 from client.site_config import SiteConfig, SiteConfigError, load_site_config
 from client.worker_link import MAX_FRAME_BYTES, WorkerReply, WorkerRequest, read_worker_key
-from common.messages import ERROR_BAD_REQUEST, MessageError, Refusal
+from common.messages import ERROR_BAD_REQUEST, ERROR_SITE_WORKER, MessageError, Refusal
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +41,14 @@ def handle(config: SiteConfig, data: bytes) -> bytes:
     except MessageError as exc:
         return WorkerReply(Refusal(ERROR_BAD_REQUEST, f"{config.name}: {exc}")).to_bytes()
     start = time.perf_counter()
-    outcome = answer(request.message_type, request.content, request.run_id, request.node_id,
-                     dict(config.node_config()), request.run_config)
+    try:
+        outcome: RecordDict | Refusal = answer(
+            request.message_type, request.content, request.run_id, request.node_id,
+            dict(config.node_config()), request.run_config)
+    except Exception as exc:  # the worker outlives a failed message, as Flower's SuperNode does
+        logger.exception("%s: %s message failed", config.name, request.message_type)
+        outcome = Refusal(ERROR_SITE_WORKER, f"{config.name}: the site worker failed on this "
+                          f"message ({type(exc).__name__}: {exc}); see its log")
     logger.info("%s: %s message of run %s %s in %.2f s", config.name, request.message_type,
                 request.run_id, "refused" if isinstance(outcome, Refusal) else "answered",
                 time.perf_counter() - start)

@@ -147,8 +147,11 @@ def ask_worker(node_config: Mapping[str, Any], request: WorkerRequest) -> Record
     was computed or charged on this side, and the reason says what to look at.
     """
     address = str(node_config[WORKER_SOCKET])
+    if WORKER_KEY_FILE not in node_config:
+        return Refusal(ERROR_SITE_WORKER, f"node config sets {WORKER_SOCKET} but not "
+                       f"{WORKER_KEY_FILE}; start the site with `fedshift site run`")
     try:
-        key = read_worker_key(Path(str(node_config.get(WORKER_KEY_FILE, ""))))
+        key = read_worker_key(Path(str(node_config[WORKER_KEY_FILE])))
         with Client(address, family="AF_UNIX", authkey=key) as conn:
             conn.send_bytes(request.to_bytes())
             data = conn.recv_bytes(MAX_FRAME_BYTES)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
+from client import site_worker
 from client.app import make_client_app
 from client.privacy_ledger import PrivacyLedger
 from client.site_cli import run_supervised
@@ -26,6 +27,7 @@ from client.worker_link import (
     WORKER_SOCKET,
     WorkerReply,
     WorkerRequest,
+    ask_worker,
     read_worker_key,
 )
 from common.federation_config import FederationConfig
@@ -177,3 +179,24 @@ def test_the_worker_refuses_garbage_and_message_types_a_site_does_not_answer(
         assert isinstance(outcome, Refusal) and outcome.code == ERROR_BAD_REQUEST
         assert outcome.reason.startswith(config.name)
     assert not config.privacy.ledger.exists()
+
+
+def test_a_message_that_fails_inside_the_worker_is_refused_and_the_worker_lives_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = load_site_config(write_site(tmp_path / "site"))
+
+    def broken(*args: object) -> RecordDict:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(site_worker, "answer", broken)
+    outcome = WorkerReply.from_bytes(handle(config, WorkerRequest(
+        "train", "42", 7, {}, None).to_bytes())).outcome
+    assert isinstance(outcome, Refusal) and outcome.code == ERROR_SITE_WORKER
+    assert "disk on fire" in outcome.reason and "see its log" in outcome.reason
+
+
+def test_a_worker_socket_without_a_key_file_is_refused_with_the_way_out(tmp_path: Path) -> None:
+    outcome = ask_worker({WORKER_SOCKET: str(tmp_path / "s")},
+                         WorkerRequest("train", "42", 7, {}, None))
+    assert isinstance(outcome, Refusal) and outcome.code == ERROR_SITE_WORKER
+    assert WORKER_KEY_FILE in outcome.reason and "fedshift site run" in outcome.reason
