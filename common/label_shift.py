@@ -95,12 +95,16 @@ class Calibration:
         return binary_posteriors(self.slope * np.asarray(d, dtype=np.float64) + self.bias)
 
 
-def fit_bcts(val_hist: np.ndarray, ridge: float = 1e-3, iterations: int = 50) -> Calibration:
+def fit_bcts(val_hist: np.ndarray, ridge: float = 1e-3, iterations: int = 100) -> Calibration:
     """Bias-corrected temperature scaling fitted to a (2, bins) labelled histogram.
 
-    Weighted logistic regression of the class on the bin centre by Newton's method
-    (noisy negative counts read as 0). With no usable data the identity
-    (slope 1, bias 0) is returned.
+    Weighted logistic regression of the class on the bin centre (noisy negative
+    counts read as 0), with a ridge pulling (slope, bias) towards the identity
+    (1, 0), by Newton's method with a backtracking line search on the penalised
+    log-likelihood, so every step improves it: on a histogram whose classes do not
+    overlap (common with few, noisy images) the undamped method overshot to
+    slopes of 10^4 and beyond, or to NaN. With no usable data the identity is
+    returned.
     """
     h = _clean(val_hist)
     if h.shape != (2, len(BINARY_CENTRES)):
@@ -110,15 +114,32 @@ def fit_bcts(val_hist: np.ndarray, ridge: float = 1e-3, iterations: int = 50) ->
     if min(h.sum(axis=1)) <= 0:
         return Calibration(1.0, 0.0, prior)
     x = np.stack([BINARY_CENTRES, np.ones_like(BINARY_CENTRES)], axis=1)
-    theta = np.array([1.0, 0.0])
+    identity = np.array([1.0, 0.0])
+
+    def loss(theta: np.ndarray) -> float:
+        z = x @ theta
+        return float(np.sum(w * np.logaddexp(0.0, z)) - h[1] @ z
+                     + ridge / 2 * np.sum((theta - identity) ** 2))
+
+    theta = identity.copy()
+    current = loss(theta)
     for _ in range(iterations):
         p = expit(x @ theta)
-        grad = x.T @ (h[1] - w * p) - ridge * (theta - np.array([1.0, 0.0]))
+        grad = x.T @ (h[1] - w * p) - ridge * (theta - identity)  # ascent direction
         hess = (x * (w * p * (1 - p))[:, None]).T @ x + ridge * np.eye(2)
         step = np.linalg.solve(hess, grad)
-        theta = theta + step
-        if np.abs(step).max() < 1e-10:
+        decrease = float(grad @ step)
+        if decrease <= 1e-15 * (1.0 + abs(current)):
             break
+        t = 1.0
+        while t > 1e-10:
+            trial = loss(theta + t * step)
+            if trial <= current - 1e-4 * t * decrease:
+                break
+            t /= 2
+        else:
+            break
+        theta, current = theta + t * step, trial
     return Calibration(float(theta[0]), float(theta[1]), prior)
 
 
