@@ -6,39 +6,18 @@ import copy
 
 import pytest
 import torch
-import torchvision
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from client.dp_sgd import FlatDPSGD, UnsupportedLayer, poisson_batch, supports
-from common.frozen_batchnorm import ChannelAffine, replace_batchnorm
 from common.model_surgery import ModelSpec, build_model
-from tests.test_frozen_batchnorm import _per_sample_autograd, _randomise_bn
+from tests.test_frozen_batchnorm import _per_sample_autograd, swapped_model
 
 
 def _model(arch: str) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(2)
-    if arch == "resnet18":
-        # `out += identity` right after a BatchNorm: the affine's output must stay intact.
-        model = torchvision.models.resnet18(num_classes=3).eval()
-        _randomise_bn(model)
-        replace_batchnorm(model)
-        for m in model.modules():
-            if hasattr(m, "inplace"):
-                m.inplace = False
-        model.requires_grad_(False)
-        for m in model.modules():
-            if isinstance(m, ChannelAffine):
-                m.requires_grad_(True)
-        model.fc.requires_grad_(True)
-        x = torch.randn(5, 3, 32, 32)
-    else:
-        mode = arch.partition("-")[2] or "bn+head"
-        model = build_model(ModelSpec(num_classes=3, in_channels=1, mode=mode))
-        model.backbone.drop_rate = 0.0
-        x = torch.rand(5, 1, 32, 32)
-    return model.train().double(), x.double()
+    return swapped_model(arch, 5)
 
 
 def _names(model: nn.Module) -> dict[nn.Parameter, str]:

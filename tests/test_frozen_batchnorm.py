@@ -75,12 +75,16 @@ def _per_sample_autograd(model: nn.Module, x: torch.Tensor, y: torch.Tensor
     return {n: torch.stack(g) for n, g in grads.items()}
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "lite0", "lite0-partial:2", "lite0-full-gn"])
-def test_per_sample_gradients_equal_autograd(arch: str) -> None:
-    torch.manual_seed(1)
+def swapped_model(arch: str, batch: int) -> tuple[nn.Module, torch.Tensor]:
+    """A model with BatchNorm swapped and only affines and head (or the ``arch``'s
+    mode) trainable, in train mode and double precision, and a batch for it.
+
+    ``arch``: ``resnet18`` (residual blocks do `out += identity` right after a
+    BatchNorm: the case that needs the wrapper to return a fresh tensor) or
+    ``lite0`` with an optional ``-MODE`` (``partial:2`` trains the depthwise
+    "same"-padded convolutions of the last block).
+    """
     if arch == "resnet18":
-        # Residual blocks do `out += identity` right after a BatchNorm: the case
-        # that needs the wrapper to return a fresh tensor.
         model = torchvision.models.resnet18(num_classes=3).eval()
         _randomise_bn(model)
         replace_batchnorm(model)
@@ -92,17 +96,21 @@ def test_per_sample_gradients_equal_autograd(arch: str) -> None:
             if isinstance(m, ChannelAffine):
                 m.requires_grad_(True)
         model.fc.requires_grad_(True)
-        x = torch.randn(4, 3, 32, 32)
+        x = torch.randn(batch, 3, 32, 32)
     else:
-        # partial:2 trains the depthwise "same"-padded convolutions of the last block.
         mode = arch.partition("-")[2] or "bn+head"
         model = build_model(ModelSpec(num_classes=3, in_channels=1, mode=mode))
         model.backbone.drop_rate = 0.0  # deterministic forward in train mode
-        x = torch.rand(4, 1, 32, 32)
+        x = torch.rand(batch, 1, 32, 32)
     # Opacus captures activations in train mode only; frozen norms ignore the mode.
     # Double precision, so that any difference is the formula's, not rounding's.
-    model.train().double()
-    x = x.double()
+    return model.train().double(), x.double()
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "lite0", "lite0-partial:2", "lite0-full-gn"])
+def test_per_sample_gradients_equal_autograd(arch: str) -> None:
+    torch.manual_seed(1)
+    model, x = swapped_model(arch, 4)
     y = torch.randint(0, 3, (len(x),))
     expected = _per_sample_autograd(model, x, y)
     # full-gn trains every layer; local training computes its per-sample
