@@ -4,11 +4,13 @@ Under ``bn+head`` (and ``bn``, ``head``) the trainable layers are per-channel
 affines, the 1x1 input adapter and the linear head. A sample's gradient for each
 is a small contraction of the layer's input ``x``, which autograd keeps anyway for
 the layer's own weight gradient, with the gradient ``g`` of the layer's output.
-:class:`FlatDPSGD` hooks each trainable layer's *output tensor* (a tensor hook: no
-module backward hooks, no wrappers around the graph, no copies of activations),
-computes the layer's per-sample gradients with Opacus's registered grad sampler for
-its type (fedshift registers the affine's in :mod:`common.frozen_batchnorm`), and
-writes them straight into one flat (batch, parameters) buffer. Clipping, the sum
+The affines (:class:`common.frozen_batchnorm.ChannelAffine`, nearly all of the
+parameters) form them in their own backward on the way to the parameter gradient
+and hand them to a sink; for the other layers :class:`FlatDPSGD` hooks the layer's
+*output tensor* (a tensor hook: no module backward hooks, no wrappers around the
+graph, no copies of activations) and applies Opacus's registered grad sampler for
+the layer's type. Either way the per-sample gradients go straight into one flat
+(batch, parameters) buffer. Clipping, the sum
 and the noise then act on that flat vector: one norm per sample over all the
 trainable parameters, the same clipping Opacus's ``DPOptimizer`` does per
 parameter.
