@@ -54,6 +54,11 @@ class SitePolicy:
         where no person has records in two parts (see :mod:`client.privacy_ledger`).
     ledger_must_exist : bool (default: False)
         A missing ledger file is an error instead of a new, empty ledger.
+    target_sensitivity : float (default: 0.0)
+        The site's operating point (binary tasks): the threshold on its calibrated
+        scores that keeps at least this sensitivity on its validation split; 0:
+        the balanced point (see :mod:`common.operating_point`). Used for its
+        evaluation counts; never released.
     max_image_size, max_local_epochs, max_rounds, max_moment_layers : int
         The largest image size (default 512), local epochs per round (10), rounds
         per run (100) and moment layers (16) a run may ask of the site.
@@ -67,6 +72,7 @@ class SitePolicy:
     label_histograms: bool = True
     composition: str = "sequential"
     ledger_must_exist: bool = False
+    target_sensitivity: float = 0.0
     max_image_size: int = 512
     max_local_epochs: int = 10
     max_rounds: int = 100
@@ -83,6 +89,9 @@ class SitePolicy:
              f"count_noise must be a finite number > 0, got {self.count_noise}"),
             (self.max_evaluations >= 0,
              f"max_evaluations must be >= 0, got {self.max_evaluations}"),
+            (0 <= self.target_sensitivity < 1,
+             f"target_sensitivity must lie in (0, 1) (0: the balanced operating point), "
+             f"got {self.target_sensitivity}"),
             (self.composition in COMPOSITIONS,
              f"composition must be one of {', '.join(COMPOSITIONS)}, got {self.composition!r}"),
             *[(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")

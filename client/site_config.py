@@ -245,7 +245,7 @@ def _address(table: _Table) -> str:
 
 
 def _policy(top: _Table, ledger_must_exist: bool) -> SitePolicy:
-    """``[releases]`` and ``[limits]`` as the site's policy."""
+    """``[releases]``, ``[limits]`` and ``[operating_point]`` as the site's policy."""
     defaults = SitePolicy()
     table = top.table_of("releases", required=False)
     non_dp = table.get("non_dp", list, [], "a list of release names, e.g. [\"train-loss\"]")
@@ -271,6 +271,11 @@ def _policy(top: _Table, ledger_must_exist: bool) -> SitePolicy:
     for key in ("max_image_size", "max_local_epochs", "max_rounds", "max_moment_layers"):
         kwargs[key] = table.integer(key, "a whole number >= 1", range(1, 10**6),
                                     getattr(defaults, key))
+    table.done()
+    table = top.table_of("operating_point", required=False)
+    kwargs["target_sensitivity"] = table.number(
+        "target_sensitivity", "a sensitivity in (0, 1), e.g. 0.9, or 0 for the balanced "
+        "point", lambda v: 0 <= v < 1, defaults.target_sensitivity)
     table.done()
     return SitePolicy(**kwargs)
 

@@ -27,7 +27,7 @@ from common.classification_metrics import classification_metrics
 from common.federation_config import ConfigError
 from common.messages import NON_DP_RELEASES, EvaluateReply, Request, TrainReply
 from common.model_surgery import FedShiftModel, build_model
-from common.prediction import predict_probs
+from common.prediction import calibrated_predictions
 from common.privacy_accounting import GaussianRelease, noise_for_budget
 from common.private_summaries import class_sums_release, noisy_histogram
 from common.trainable_arrays import load_trainable_arrays, trainable_arrays
@@ -113,18 +113,21 @@ def noise_plan(site: SiteRuntime) -> NoisePlan:
             f"cannot plan the run: {exc} (the run reserves {_describe(reserved)} besides "
             "DP-SGD; fewer evaluations or noisier summaries leave more for training)"
         ) from exc
+    whole = [(GaussianRelease(sigma, sample_rate, steps * site.cfg.num_rounds), "train"),
+             *[(r.release(r.releases), r.part) for r in reserved]]
+    certified = ledger.certificate_after(whole)
+    if certified.epsilon > ledger.target_epsilon + 1e-9:
+        raise BudgetExceeded(f"cannot plan the run: its reserved releases "
+                             f"({_describe(reserved)}) do not fit the budget left")
     plan = NoisePlan(noise_multiplier=sigma, sample_rate=sample_rate, steps_per_round=steps,
                      planned_rounds=site.cfg.num_rounds,
                      moment_noise=site.cfg.moment_noise if site.cfg.shift else 0.0,
-                     reserved=reserved)
-    whole = [(GaussianRelease(sigma, sample_rate, steps * plan.planned_rounds), "train"),
-             *[(r.release(r.releases), r.part) for r in reserved]]
-    if ledger.epsilon_after(whole) > ledger.target_epsilon + 1e-9:
-        raise BudgetExceeded(f"cannot plan the run: its reserved releases "
-                             f"({_describe(reserved)}) do not fit the budget left")
+                     reserved=reserved, accountant=certified.accountant)
     logger.info("%s: noise multiplier %.3f for %d rounds x %d steps at sample rate %.4f; "
-                "reserved %s", site.name, sigma, plan.planned_rounds, steps, sample_rate,
-                _describe(reserved))
+                "reserved %s; the whole run certified at epsilon %.4f by %s (RDP %.4f)",
+                site.name, sigma, plan.planned_rounds, steps, sample_rate,
+                _describe(reserved), certified.epsilon, certified.accountant.upper(),
+                certified.rdp_epsilon)
     return plan
 
 
@@ -241,7 +244,9 @@ def train_site(site: SiteRuntime, arrays: ArrayRecord, request: Request) -> Trai
 
 
 def evaluate_site(site: SiteRuntime, arrays: ArrayRecord, request: Request) -> EvaluateReply:
-    """DP-noised confusion counts of the global model on the site's test split (charged)."""
+    """DP-noised confusion counts of the global model on the site's test split (charged),
+    at the site's own operating point: calibrated and thresholded on its validation
+    split, locally (:mod:`common.operating_point`)."""
     start = time.perf_counter()
     round_ = request.server_round
     k = site.cfg.num_classes
@@ -252,15 +257,18 @@ def evaluate_site(site: SiteRuntime, arrays: ArrayRecord, request: Request) -> E
         release = reserved_release(site, plan, "evaluation", "test", what)
     model = site_model(site, arrays)
     labels = site.data.labels["test"].numpy()
-    probs = predict_probs(model, site.data.images["test"], site.device)
+    data = site.data
+    own = calibrated_predictions(model, data.images["val"], data.labels["val"],
+                                 data.images["test"], site.device,
+                                 site.policy.target_sensitivity)
     confusion = np.zeros((k, k))
-    np.add.at(confusion, (labels, probs.argmax(axis=1)), 1.0)
+    np.add.at(confusion, (labels, own.decisions), 1.0)
     noise_std = 0.0
     if site.ledger is not None and release is not None:
         noisy, release = noisy_histogram(confusion, release.noise_multiplier, rng())
         confusion, noise_std = noisy, release.noise_multiplier
         site.ledger.charge(release, site.run_key, round_, what, "test", "evaluation", plan)
-    exact = classification_metrics(labels, probs)
+    exact = classification_metrics(labels, own.probs, own.decisions)
     extras = {key: exact[key] for key in ("accuracy", "balanced_accuracy", "auroc", "loss")}
     extras.update({"num-examples": len(labels), "skipped-images": site.skipped_images,
                    "compute-seconds": time.perf_counter() - start})

@@ -31,7 +31,7 @@ from common.federated_data import SiteData, load_federation
 from common.federation_config import FederationConfig
 from common.image_datasets import load_image_dataset
 from common.model_surgery import FedShiftModel
-from common.prediction import predict_probs
+from common.prediction import CalibratedPredictions, calibrated_predictions
 from server.app import make_server_app
 from server.run_records import (
     FINAL_ARRAYS_FILE,
@@ -47,7 +47,7 @@ from simulations.shift_scoring import score_shift
 
 logger = logging.getLogger(__name__)
 
-TEST_METRICS = ("accuracy", "balanced_accuracy", "auroc")
+TEST_METRICS = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "auroc", "loss")
 
 
 def backend_config(cfg: FederationConfig) -> dict[str, Any]:
@@ -96,15 +96,25 @@ def simulated_sites(cfg: FederationConfig) -> SimulatedSites:
 SiteModel = Callable[[SiteData], FedShiftModel]
 
 
+def _scored(sites: tuple[SiteData, ...], model_for: SiteModel
+            ) -> dict[str, CalibratedPredictions]:
+    """Each site's test predictions as the site makes them: its model calibrated, and
+    decided at its balanced operating point, on its own validation split."""
+    device = resolve_device("auto")
+    return {site.name: calibrated_predictions(model_for(site), site.images["val"],
+                                              site.labels["val"], site.images["test"], device)
+            for site in sites}
+
+
 def _site_results(cfg: FederationConfig, sites: tuple[SiteData, ...],
-                  model_for: SiteModel) -> list[dict[str, Any]]:
+                  scored: dict[str, CalibratedPredictions]) -> list[dict[str, Any]]:
     """Per site: its privacy figures from its ledger, and its test metrics scored here.
 
     The simulation holds every site's data, so it scores each site's model on the
-    site's test split exactly (the ground truth); what the sites release to the
-    server is DP and charged, and goes to the history.
+    site's test split exactly (the ground truth), at the site's own operating
+    point; what the sites release to the server is DP and charged, and goes to the
+    history.
     """
-    device = resolve_device("auto")
     rows = []
     for site in sites:
         row: dict[str, Any] = {"name": site.name, "epsilon_spent": None, "delta": None,
@@ -112,10 +122,10 @@ def _site_results(cfg: FederationConfig, sites: tuple[SiteData, ...],
         ledger_path = Path(cfg.state_dir) / "ledgers" / f"{site.name}.json"
         if cfg.dp and ledger_path.exists():
             row.update(ledger_figures(ledger_path, cfg))
-        labels = site.labels["test"].numpy()
-        metrics = classification_metrics(labels, predict_probs(model_for(site),
-                                                                site.images["test"], device))
-        row["test"] = {k: metrics[k] for k in (*TEST_METRICS, "loss")}
+        own = scored[site.name]
+        metrics = classification_metrics(site.labels["test"].numpy(), own.probs, own.decisions)
+        row["test"] = {k: metrics[k] for k in TEST_METRICS if k in metrics}
+        row["operating_point"] = own.point.to_dict()
         row["train_size"] = len(site.labels["train"])
         row["test_size"] = len(site.labels["test"])
         row["class_prior"] = torch.bincount(site.labels["train"], minlength=site.num_classes
@@ -140,14 +150,14 @@ def ledger_figures(ledger_path: Path, cfg: FederationConfig) -> dict[str, Any]:
     }
 
 
-def pooled_test(sites: tuple[SiteData, ...], model_for: SiteModel) -> dict[str, float]:
-    """Metrics over the union of the sites' test splits, each scored by ``model_for(site)``."""
-    device = resolve_device("auto")
+def pooled_test(sites: tuple[SiteData, ...], scored: dict[str, CalibratedPredictions]
+                ) -> dict[str, float]:
+    """Metrics over the union of the sites' test splits, each scored as its site scores it."""
     labels = np.concatenate([s.labels["test"].numpy() for s in sites])
-    probs = np.concatenate([predict_probs(model_for(s), s.images["test"], device)
-                            for s in sites])
-    metrics = classification_metrics(labels, probs)
-    return {k: metrics[k] for k in (*TEST_METRICS, "loss")}
+    probs = np.concatenate([scored[s.name].probs for s in sites])
+    decisions = np.concatenate([scored[s.name].decisions for s in sites])
+    metrics = classification_metrics(labels, probs, decisions)
+    return {k: metrics[k] for k in TEST_METRICS if k in metrics}
 
 
 def _final_model_for(cfg: FederationConfig, sites: tuple[SiteData, ...]) -> SiteModel:
@@ -167,10 +177,11 @@ def _final_model_for(cfg: FederationConfig, sites: tuple[SiteData, ...]) -> Site
 def collect_results(cfg: FederationConfig, history: dict[str, Any],
                     sites: tuple[SiteData, ...], model_for: SiteModel) -> dict[str, Any]:
     """A run's results: settings, per-site figures, pooled test metrics and history."""
+    scored = _scored(sites, model_for)
     results = {
         "config": cfg.to_flower(),
-        "sites": _site_results(cfg, sites, model_for),
-        "pooled_test": pooled_test(sites, model_for),
+        "sites": _site_results(cfg, sites, scored),
+        "pooled_test": pooled_test(sites, scored),
         "rounds": history["rounds"],
         "bytes_per_round_per_site": history["bytes_per_round_per_site"],
         "full_model_bytes": history["full_model_bytes"],

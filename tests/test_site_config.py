@@ -71,7 +71,7 @@ def test_node_config_has_the_keys_the_client_app_reads(tmp_path: Path) -> None:
         "count-noise": 10.0, "max-evaluations": 3, "allow-shift-summaries": True,
         "allow-label-histograms": False, "composition": "sequential",
         "ledger-must-exist": False, "max-image-size": 512, "max-local-epochs": 10,
-        "max-rounds": 100, "max-moment-layers": 16,
+        "max-rounds": 100, "max-moment-layers": 16, "target-sensitivity": 0.0,
     }
     # The ClientApp reads back the policy the file set.
     assert SitePolicy.from_node_config(node) == load_site_config(path).policy
@@ -106,6 +106,8 @@ def test_node_config_has_the_keys_the_client_app_reads(tmp_path: Path) -> None:
      r"\[releases\] composition .*must be one of sequential, parallel-parts"),
     (("[releases]\n", '[releases]\n[limits]\nmax_rounds = 0\n'),
      r"\[limits\] max_rounds = 0: expected a whole number >= 1"),
+    (("[releases]\n", '[releases]\n[operating_point]\ntarget_sensitivity = 95\n'),
+     r"\[operating_point\] target_sensitivity = 95.*a sensitivity in \(0, 1\), e.g. 0.9"),
     (('name = "test-site"', 'name = "x"\ndevice = "tpu"'),
      r"device = 'tpu': must be one of auto, cpu, cuda"),
     (('name = "test-site"', 'name = "x"\ngpu = 1'), r"unknown setting\(s\) gpu in the top level"),
@@ -118,6 +120,14 @@ def test_errors_name_the_key_the_value_and_the_fix(tmp_path: Path, change: tuple
     with pytest.raises(SiteConfigError, match=message) as raised:
         load_site_config(_write(tmp_path, text.replace(change[0], change[1], 1)))
     assert str(tmp_path / "conf" / "site.toml") in str(raised.value)
+
+
+def test_a_target_sensitivity_sets_the_sites_operating_point(tmp_path: Path) -> None:
+    text = site_toml().replace("[releases]\n", "[releases]\n[operating_point]\n"
+                                                "target_sensitivity = 0.9\n", 1)
+    config = load_site_config(_write(tmp_path, text))
+    assert config.policy.target_sensitivity == 0.9
+    assert SitePolicy.from_node_config(config.node_config()).target_sensitivity == 0.9
 
 
 def test_unreadable_or_malformed_file(tmp_path: Path) -> None:
