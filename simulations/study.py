@@ -18,6 +18,10 @@ privacy spent over). Layout::
     [methods.gn-full]              # settings for one method's cells
     lr = 0.1
 
+    [variants.fedshift-lr1]        # a named variant of a method, usable in grids
+    method = "fedshift"
+    lr = 1.0
+
     [[grid]]
     methods = ["fedshift", "local", "head"]
     epsilon = [1.0, inf]           # inf: DP off (non-private reference)
@@ -70,7 +74,7 @@ CELL_FILE = "cell.json"
 LOG_FILE = "log.txt"
 LOCK_FILE = ".lock"
 GRID_KEYS = ("methods", "epsilon", "sites", "label_skew", "severity", "seeds")
-STUDY_KEYS = ("name", "dataset", "seeds", "federation", "methods", "grid")
+STUDY_KEYS = ("name", "dataset", "seeds", "federation", "methods", "variants", "grid")
 # Settings a study sets per cell, so [federation] and [methods.*] may not.
 CELL_SETTINGS = ("dataset", "data_dir", "seed", "num_sites", "prevalences", "label_skew",
                  "epsilon", "dp", "state_dir", "scenario")
@@ -113,6 +117,11 @@ class Study:
     method_settings: Mapping[str, Mapping[str, Any]]
     cells: tuple[Cell, ...]
     path: Path | None = None
+    variants: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def base_method(self, name: str) -> str:
+        """The registered method a cell's method (a variant or a method) runs."""
+        return self.variants.get(name, name)
 
 
 def _as_list(value: Any, where: str) -> list[Any]:
@@ -144,14 +153,39 @@ def _settings(table: Any, where: str) -> dict[str, Any]:
     return settings
 
 
-def _method(name: str, where: str) -> None:
+def _method(name: str, where: str, variants: Mapping[str, str] | None = None) -> None:
+    if variants and name in variants:
+        return
     try:
         get_method(name)
     except ConfigError as exc:
         raise StudyError(f"{where}: {exc}") from None
 
 
-def _grid_cells(grid: Any, index: int, seeds: tuple[int, ...]) -> list[Cell]:
+def _variants(table: Any, where: str) -> tuple[dict[str, str], dict[str, Mapping[str, Any]]]:
+    """``[variants.NAME]`` tables: a registered method and the settings it runs with."""
+    if not isinstance(table, dict):
+        raise StudyError(f"{where}: [variants] must hold one table per variant")
+    bases, settings = {}, {}
+    for name, body in table.items():
+        inner = f"{where}: [variants.{name}]"
+        if not isinstance(body, dict) or not isinstance(body.get("method"), str):
+            raise StudyError(f'{inner} needs method = "<a registered method>", e.g. "fedshift"')
+        _method(body["method"], inner)
+        try:
+            get_method(name)
+        except ConfigError:
+            pass
+        else:
+            raise StudyError(f"{inner}: {name!r} is a registered method; give the variant "
+                             "another name")
+        bases[name] = body["method"]
+        settings[name] = _settings({k: v for k, v in body.items() if k != "method"}, inner)
+    return bases, settings
+
+
+def _grid_cells(grid: Any, index: int, seeds: tuple[int, ...],
+                variants: Mapping[str, str]) -> list[Cell]:
     where = f"[[grid]] #{index + 1}"
     if not isinstance(grid, dict):
         raise StudyError(f"{where} must be a table")
@@ -165,7 +199,7 @@ def _grid_cells(grid: Any, index: int, seeds: tuple[int, ...]) -> list[Cell]:
         raise StudyError(f"{where} lists no methods")
     methods = _as_list(grid["methods"], f"{where}.methods")
     for name in methods:
-        _method(str(name), where)
+        _method(str(name), where, variants)
     epsilons = _numbers(_as_list(grid.get("epsilon", [1.0]), f"{where}.epsilon"),
                         f"{where}.epsilon")
     if any(e <= 0 for e in epsilons):
@@ -199,14 +233,18 @@ def parse_study(data: Mapping[str, Any], path: Path | None = None) -> Study:
     for name, table in methods_table.items():
         _method(name, f"{where}: [methods]")
         method_settings[name] = _settings(table, f"{where}: [methods.{name}]")
+    variants, variant_settings = _variants(data.get("variants", {}), where)
+    method_settings.update(variant_settings)
     grids = data.get("grid")
     if not isinstance(grids, list) or not grids:
         raise StudyError(f"{where} has no [[grid]] table; add one listing methods")
-    cells = list(dict.fromkeys(c for i, g in enumerate(grids) for c in _grid_cells(g, i, seeds)))
+    cells = list(dict.fromkeys(c for i, g in enumerate(grids)
+                               for c in _grid_cells(g, i, seeds, variants)))
     return Study(
         name=str(data.get("name", path.stem if path else "study")),
         dataset=str(data.get("dataset", FederationConfig.dataset)), seeds=seeds,
         federation=federation, method_settings=method_settings, cells=tuple(cells), path=path,
+        variants=variants,
     )
 
 
@@ -236,7 +274,7 @@ def cell_config(study: Study, cell: Cell, data_dir: str, state_dir: Path) -> Fed
         prevalences=_prevalences(cell, base), label_skew=cell.label_skew,
         epsilon=cell.epsilon if cell.private else base.epsilon, state_dir=str(state_dir),
     )
-    method = get_method(cell.method)
+    method = get_method(study.base_method(cell.method))
     return method.config(base, cell.private, study.method_settings.get(cell.method))
 
 
@@ -266,7 +304,7 @@ def run_cell_dir(cell_dir: Path) -> dict[str, Any]:
     cfg = FederationConfig.from_flower(spec["config"])
     sites = shifted_sites(load_federation(cfg), cell.severity, cell.seed)
     start = time.perf_counter()
-    results = get_method(cell.method).run(cfg, SimulatedSites(sites), None)
+    results = get_method(spec.get("method", cell.method)).run(cfg, SimulatedSites(sites), None)
     results["cell"] = dataclasses.asdict(cell) | {"key": spec["key"]}
     results["wall_seconds"] = time.perf_counter() - start
     write_json(cell_dir / RESULTS_FILE, results)
@@ -299,7 +337,7 @@ def prepare_cell(study: Study, cell: Cell, out_dir: Path, data_dir: str) -> tupl
     if cell_dir.exists():
         shutil.rmtree(cell_dir)
     write_json(spec_path, {"key": key, "cell": dataclasses.asdict(cell),
-                           "config": cfg.to_flower()})
+                           "method": study.base_method(cell.method), "config": cfg.to_flower()})
     return cell_dir, False
 
 

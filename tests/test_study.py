@@ -50,6 +50,10 @@ def test_grids_expand_to_their_product_once_each() -> None:
     ({"federation": {"lr_schedule": 3}}, "unknown setting"),
     ({"methods": {"head": {"epsilon": 2}}}, "set per cell"),
     ({"seeds": [0.5]}, "integers"),
+    ({"variants": {"fast": {"lr": 2.0}}}, "needs method ="),
+    ({"variants": {"fast": {"method": "fedsgd"}}}, "unknown method 'fedsgd'"),
+    ({"variants": {"head": {"method": "fedshift"}}}, "registered method; give the variant"),
+    ({"variants": {"fast": {"method": "fedshift", "epsilon": 2}}}, "set per cell"),
 ])
 def test_bad_study_files_name_the_problem(change: dict, message: str) -> None:
     with pytest.raises(StudyError, match=message):
@@ -74,6 +78,18 @@ def test_cell_config_applies_point_method_and_nonprivate_settings(tmp_path: Path
     open_run = cell_config(study, Cell("fedshift", math.inf, 4, 0.5, 0.0, 0), "", tmp_path)
     assert (open_run.dp, open_run.lr, open_run.label_skew) == (False, 0.05, 0.5)
     assert open_run.prevalences == (0.4, 0.6, 0.75, 0.9)
+
+
+def test_a_variant_runs_its_method_with_its_own_settings(tmp_path: Path) -> None:
+    study = parse_study({**STUDY, "variants": {"head-fast": {"method": "head", "lr": 2.0}},
+                         "grid": [{"methods": ["head-fast", "head"], "epsilon": [1.0]}]})
+    assert {c.method for c in study.cells} == {"head-fast", "head"}
+    fast = cell_config(study, Cell("head-fast", 1.0, 4, 0.0, 0.0, 0), "", tmp_path)
+    plain = cell_config(study, Cell("head", 1.0, 4, 0.0, 0.0, 0), "", tmp_path)
+    assert (fast.mode, fast.lr, plain.lr) == ("head", 2.0, 0.2)
+    cell_dir, done = prepare_cell(study, Cell("head-fast", 1.0, 4, 0.0, 0.0, 0), tmp_path, "")
+    assert not done
+    assert json.loads((cell_dir / "cell.json").read_text())["method"] == "head"
 
 
 def _site(name: str) -> SiteData:
