@@ -123,19 +123,23 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 
 def print_results(results: dict[str, Any]) -> None:
-    """A table per site and the pooled test metrics, for people."""
-    header = f"{'site':<10}{'prev':>6}{'n_train':>9}{'acc':>8}{'bal_acc':>9}{'AUROC':>8}{'eps':>8}"
+    """A table per site and the pooled test metrics, for people: each site's decisions
+    at its own operating point (calibrated on its validation split)."""
+    header = (f"{'site':<10}{'prev':>6}{'n_train':>9}{'acc':>8}{'bal_acc':>9}{'sens':>7}"
+              f"{'spec':>7}{'AUROC':>8}{'eps':>8}")
     print(header)
     print("-" * len(header))
     for s in results["sites"]:
         t = s["test"]
         prevalence = "-" if s["prevalence"] is None else f"{s['prevalence']:.2f}"
         print(f"{s['name']:<10}{prevalence:>6}{s['train_size']:>9}"
-              f"{_fmt(t['accuracy']):>8}{_fmt(t['balanced_accuracy']):>9}{_fmt(t['auroc']):>8}"
-              f"{_fmt(s['epsilon_spent']):>8}")
+              f"{_fmt(t['accuracy']):>8}{_fmt(t['balanced_accuracy']):>9}"
+              f"{_fmt(t.get('sensitivity')):>7}{_fmt(t.get('specificity')):>7}"
+              f"{_fmt(t['auroc']):>8}{_fmt(s['epsilon_spent']):>8}")
     p = results["pooled_test"]
     print(f"{'pooled':<10}{'':>6}{'':>9}{_fmt(p['accuracy']):>8}"
-          f"{_fmt(p['balanced_accuracy']):>9}{_fmt(p['auroc']):>8}{'':>8}")
+          f"{_fmt(p['balanced_accuracy']):>9}{_fmt(p.get('sensitivity')):>7}"
+          f"{_fmt(p.get('specificity')):>7}{_fmt(p['auroc']):>8}{'':>8}")
     print(f"\nsent per site and round: {results['bytes_per_round_per_site'] / 1024:.1f} KiB "
           f"({100 * results['bytes_fraction_of_full_model']:.2f}% of the full model's "
           f"{results['full_model_bytes'] / 2**20:.1f} MiB)")
