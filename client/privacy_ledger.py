@@ -4,10 +4,13 @@ The ledger is a JSON file written atomically (:mod:`common.atomic_files`), so
 it survives crashes and restarts. It records each DP release with its mechanism
 parameters (noise multiplier, sample rate, steps) and each non-DP release that
 the site's configuration allows by name, and the noise plan of every run. The
-epsilon it reports is computed from the recorded parameters by
-:func:`common.privacy_accounting.epsilon_spent`. A release that would take the
-site past its budget is refused before anything is computed or sent, and work
-that is refused writes nothing.
+epsilon it reports is certified from the recorded parameters by
+:func:`common.privacy_accounting.certify` (the smaller of the PRV and RDP
+bounds); each charge and plan records which accountant certified it, and the
+file states both bounds. A release that would take the site past its budget is
+refused before anything is computed or sent, and work that is refused writes
+nothing. Entries and plans written before the PRV accountant carry no
+accountant: RDP certified them.
 
 **The guarantee.** Neighbouring data sets differ by adding or removing one
 record (one image with its label). Every DP release names the *part* of the
@@ -30,12 +33,12 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from common.atomic_files import atomic_write_text
-from common.privacy_accounting import GaussianRelease, epsilon_spent
+from common.privacy_accounting import ACCOUNTANTS, GaussianRelease, PrivacyCertificate, certify
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +80,9 @@ class NoisePlan:
     DP-SGD takes ``planned_rounds`` x ``steps_per_round`` steps at
     ``noise_multiplier``; ``reserved`` lists the other releases the run may make
     (moment summaries, evaluations, score histograms, a DP count), whose cost
-    was set aside before DP-SGD's noise was sized.
+    was set aside before DP-SGD's noise was sized. ``accountant`` names the
+    accountant that certified the whole planned run within budget (plans
+    written before PRV was used were RDP's).
     """
 
     noise_multiplier: float
@@ -86,6 +91,7 @@ class NoisePlan:
     planned_rounds: int
     moment_noise: float = 0.0
     reserved: tuple[Reservation, ...] = ()
+    accountant: str = "rdp"
 
     def reservation(self, mechanism: str, part: str) -> Reservation | None:
         """The reservation for ``mechanism`` on ``part``, if the plan made one."""
@@ -118,6 +124,8 @@ class LedgerEntry:
     allowed_by: str = ""
     value: float | None = None
     """A released noisy value the site sends again instead of releasing anew (DP count)."""
+    accountant: str = ""
+    """The accountant that certified the site's epsilon after a DP release ("prv", "rdp")."""
 
     @property
     def release(self) -> GaussianRelease:
@@ -130,10 +138,13 @@ class LedgerEntry:
         except TypeError as exc:
             raise LedgerError(f"privacy ledger {source} holds a malformed entry {data!r}: "
                               f"{exc}; restore it from backup") from None
+        if entry.kind == "gaussian" and "accountant" not in data:
+            entry = replace(entry, accountant="rdp")  # written before PRV was used
         if entry.kind not in ("gaussian", "allowed") or entry.part not in PARTS or (
                 entry.kind == "gaussian" and not (
                     entry.noise_multiplier > 0 and 0 < entry.sample_rate <= 1
-                    and entry.steps >= 0 and math.isfinite(entry.noise_multiplier))):
+                    and entry.steps >= 0 and math.isfinite(entry.noise_multiplier)
+                    and entry.accountant in ACCOUNTANTS)):
             raise LedgerError(f"privacy ledger {source} holds an entry it cannot account for: "
                               f"{data!r}; restore it from backup")
         return entry
@@ -220,20 +231,25 @@ class PrivacyLedger:
 
     def _write(self) -> None:
         self._data["delta"] = self.delta
+        spent = self.certificate()
         self._data["guarantee"] = {
             "neighbouring": NEIGHBOURING, "composition": self.composition,
             "epsilon_budget": self.target_epsilon, "delta": self.delta,
-            "epsilon_spent": self.epsilon_spent(),
+            "epsilon_spent": spent.epsilon, "accountant": spent.accountant,
+            "epsilon_prv": spent.prv_epsilon, "epsilon_rdp": spent.rdp_epsilon,
         }
         self._data["releases"] = [asdict(e) for e in self._entries]
+        # Plans written before PRV was used name no accountant: RDP sized them.
+        self._data["plans"] = {run: {"accountant": "rdp", **plan}
+                               for run, plan in self._data["plans"].items()}
         atomic_write_text(self.path, json.dumps(self._data, indent=1))
 
     # ----------------------------------------------------------------- queries
 
-    def _epsilon(self, by_part: dict[str, list[GaussianRelease]]) -> float:
+    def _certificate(self, by_part: dict[str, list[GaussianRelease]]) -> PrivacyCertificate:
         if self.composition == "sequential":
-            return epsilon_spent([r for rs in by_part.values() for r in rs], self.delta)
-        return max((epsilon_spent(rs, self.delta) for rs in by_part.values()), default=0.0)
+            return certify([r for rs in by_part.values() for r in rs], self.delta)
+        return _parallel([certify(rs, self.delta) for rs in by_part.values()])
 
     def _by_part(self, extra: Iterable[tuple[GaussianRelease, str]] = ()
                  ) -> dict[str, list[GaussianRelease]]:
@@ -261,15 +277,31 @@ class PrivacyLedger:
         """All recorded releases (DP and allowed non-DP), oldest first."""
         return list(self._entries)
 
+    def certificate(self, part: str | None = None) -> PrivacyCertificate:
+        """The certified epsilon of everything released so far (or on ``part`` alone).
+
+        Parameters
+        ----------
+        part : str | None
+            One part of the site's data, or None for the site's whole spend under
+            its composition.
+        """
+        if part is not None:
+            return certify(self.releases(part), self.delta)
+        return self._certificate(self._by_part())
+
+    def certificate_after(self, additions: Iterable[tuple[GaussianRelease, str]]
+                          ) -> PrivacyCertificate:
+        """The certified epsilon the site would have spent after ``additions`` (release, part)."""
+        return self._certificate(self._by_part(additions))
+
     def epsilon_spent(self, part: str | None = None) -> float:
         """Epsilon of everything released so far (or on ``part`` alone), at the ledger's delta."""
-        if part is not None:
-            return epsilon_spent(self.releases(part), self.delta)
-        return self._epsilon(self._by_part())
+        return self.certificate(part).epsilon
 
     def epsilon_after(self, additions: Iterable[tuple[GaussianRelease, str]]) -> float:
         """Epsilon the site would have spent after ``additions`` (release, part)."""
-        return self._epsilon(self._by_part(additions))
+        return self.certificate_after(additions).epsilon
 
     def plan(self, run_key: str) -> NoisePlan | None:
         """The noise plan fixed for ``run_key``, if any."""
@@ -283,15 +315,17 @@ class PrivacyLedger:
 
     # ----------------------------------------------------------------- updates
 
-    def check(self, release: GaussianRelease, what: str, part: str = "train") -> float:
-        """Raise :class:`BudgetExceeded` if ``release`` does not fit; return epsilon after it."""
-        after = self.epsilon_after([(release, part)])
-        if after > self.target_epsilon + 1e-9:
+    def check(self, release: GaussianRelease, what: str, part: str = "train"
+              ) -> PrivacyCertificate:
+        """Raise :class:`BudgetExceeded` if ``release`` does not fit; certify epsilon after it."""
+        after = self.certificate_after([(release, part)])
+        if after.epsilon > self.target_epsilon + 1e-9:
             raise BudgetExceeded(
                 f"refused {what}: it would raise this site's epsilon from "
-                f"{self.epsilon_spent():.4f} to {after:.4f}, above its budget of "
-                f"{self.target_epsilon:g} (delta={self.delta:g}, {self.composition} "
-                "composition); nothing was computed or sent"
+                f"{self.epsilon_spent():.4f} to {after.epsilon:.4f} (by "
+                f"{after.accountant.upper()}), above its budget of {self.target_epsilon:g} "
+                f"(delta={self.delta:g}, {self.composition} composition); nothing was "
+                "computed or sent"
             )
         return after
 
@@ -312,11 +346,13 @@ class PrivacyLedger:
             self._entries = [*self._entries, LedgerEntry(
                 kind="gaussian", run=run_key, round=round_, what=what, time=time.time(),
                 part=part, mechanism=mechanism, noise_multiplier=release.noise_multiplier,
-                sample_rate=release.sample_rate, steps=release.steps, value=value)]
+                sample_rate=release.sample_rate, steps=release.steps, value=value,
+                accountant=after.accountant)]
             self._write()
-        logger.info("ledger %s: %s charged, epsilon spent %.4f of %g",
-                    self.path, what, after, self.target_epsilon)
-        return after
+        logger.info("ledger %s: %s charged, epsilon spent %.4f of %g (%s; PRV %s, RDP %.4f)",
+                    self.path, what, after.epsilon, self.target_epsilon, after.accountant,
+                    _format(after.prv_epsilon), after.rdp_epsilon)
+        return after.epsilon
 
     def record_allowed(self, run_key: str, round_: int, what: str, allowed_by: str) -> None:
         """Record a non-DP release that the site's configuration ``allowed_by`` permits."""
@@ -325,6 +361,28 @@ class PrivacyLedger:
                 kind="allowed", run=run_key, round=round_, what=what, time=time.time(),
                 allowed_by=allowed_by)]
             self._write()
+
+
+def _parallel(certificates: list[PrivacyCertificate]) -> PrivacyCertificate:
+    """Parts composed in parallel: the site's epsilon is its largest part's.
+
+    The certificate is the binding part's; the PRV and RDP epsilons are each
+    accountant's alone (the largest part's by it), so the certified epsilon is at
+    most either.
+    """
+    spent = [c for c in certificates if c.accountant != "none"]
+    if not spent:
+        return PrivacyCertificate(0.0, "none", 0.0, 0.0)
+    binding = max(spent, key=lambda c: c.epsilon)
+    prv = [c.prv_epsilon for c in spent]
+    return PrivacyCertificate(
+        binding.epsilon, binding.accountant,
+        None if None in prv else max(p for p in prv if p is not None),
+        max(c.rdp_epsilon for c in spent))
+
+
+def _format(epsilon: float | None) -> str:
+    return "n/a" if epsilon is None else f"{epsilon:.4f}"
 
 
 def _check_part(part: str) -> None:

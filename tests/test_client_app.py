@@ -21,7 +21,7 @@ from common.messages import (
     ERROR_SITE_DATA,
 )
 from common.model_surgery import build_model
-from common.privacy_accounting import GaussianRelease, epsilon_spent
+from common.privacy_accounting import GaussianRelease, certify, epsilon_spent
 from common.trainable_arrays import trainable_arrays
 from tests.site_files import write_class_tree
 
@@ -63,10 +63,12 @@ def test_train_reply_carries_only_trainable_arrays_and_an_equal_weight(
     assert plan is not None and entry.noise_multiplier == plan.noise_multiplier
     assert entry.steps == plan.steps_per_round > 0
     # The plan reserved every other release of the run before sizing DP-SGD's noise:
-    # the whole run spends at most the budget.
+    # the whole run spends at most the budget, as PRV certifies it (RDP would not).
     whole = [GaussianRelease(plan.noise_multiplier, plan.sample_rate, plan.steps_per_round),
              *[r.release(r.releases) for r in plan.reserved]]
-    assert 0.95 * cfg.epsilon < epsilon_spent(whole, cfg.delta) <= cfg.epsilon
+    certified = certify(whole, cfg.delta)
+    assert 0.95 * cfg.epsilon < certified.epsilon <= cfg.epsilon < epsilon_spent(whole, cfg.delta)
+    assert plan.accountant == certified.accountant == entry.accountant == "prv"
     assert {r.mechanism for r in plan.reserved} == {"moments", "evaluation", "score-histogram"}
 
 
