@@ -13,7 +13,12 @@ from typing import Any
 
 from client.site_cli import add_site_parser, run_site_command
 from common.backbones import BACKBONES, BackboneError
-from common.federation_config import AGGREGATORS, ConfigError, FederationConfig
+from common.federation_config import (
+    AGGREGATORS,
+    NONPRIVATE_RECIPE,
+    ConfigError,
+    FederationConfig,
+)
 from common.image_datasets import dataset_channels, load_image_dataset
 from common.medmnist_files import DataFileError
 from common.transfer_mode import MODES_HELP
@@ -63,10 +68,15 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=DEFAULTS.num_rounds)
     p.add_argument("--local-epochs", type=int, default=DEFAULTS.local_epochs)
     p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
-    p.add_argument("--lr", type=float, default=DEFAULTS.lr)
-    p.add_argument("--lr-decay", type=float, default=DEFAULTS.lr_decay,
-                   help="learning-rate factor per round")
-    p.add_argument("--optimizer", default=DEFAULTS.optimizer, choices=("sgd", "adam"))
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate (default: {DEFAULTS.lr} under DP, "
+                        f"{NONPRIVATE_RECIPE['lr']} with --no-dp)")
+    p.add_argument("--lr-decay", type=float, default=None,
+                   help=f"learning-rate factor per round (default: {DEFAULTS.lr_decay} under "
+                        f"DP, {NONPRIVATE_RECIPE['lr_decay']} with --no-dp)")
+    p.add_argument("--optimizer", default=None, choices=("sgd", "adam"),
+                   help=f"default: {DEFAULTS.optimizer} under DP, "
+                        f"{NONPRIVATE_RECIPE['optimizer']} with --no-dp")
     p.add_argument("--clip", type=float, default=DEFAULTS.clip,
                    help="per-sample gradient norm bound")
     p.add_argument("--epsilon", type=float, default=DEFAULTS.epsilon,
@@ -98,15 +108,17 @@ def _config(args: argparse.Namespace, state_dir: Path) -> FederationConfig:
         raise ConfigError(
             f"--prevalences {args.prevalences!r}: give numbers in [0, 1] separated by commas"
         ) from None
-    cfg = FederationConfig(
-        dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
+    recipe = {k: getattr(args, k) for k in ("lr", "lr_decay", "optimizer")
+              if getattr(args, k) is not None}
+    cfg = FederationConfig.for_privacy(
+        dp=not args.no_dp, **recipe, dataset=args.dataset, data_dir=args.data_dir,
+        image_size=args.image_size,
         num_sites=args.sites or len(prevalences), prevalences=prevalences,
         label_skew=args.label_skew, personal_bn=args.personal_bn, shift=not args.no_shift,
         backbone=args.backbone,
         weights=args.weights, mode=args.mode, num_rounds=args.rounds,
-        local_epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr,
-        lr_decay=args.lr_decay,
-        optimizer=args.optimizer, clip=args.clip, dp=not args.no_dp, epsilon=args.epsilon,
+        local_epochs=args.local_epochs, batch_size=args.batch_size,
+        clip=args.clip, epsilon=args.epsilon,
         delta=args.delta, aggregator=args.aggregator, proximal_mu=args.proximal_mu,
         server_lr=args.server_lr, max_update_norm=args.max_update_norm, seed=args.seed,
         evaluations=args.evaluations,

@@ -5,9 +5,8 @@ Every method takes the same :class:`FederationConfig`, the same simulated sites
 results as :func:`simulations.runner.simulate`. A method is the federated
 runner or a baseline (:mod:`simulations.baselines`) plus the settings it changes.
 
-When a study cell has epsilon = inf, DP is off and ``NONPRIVATE`` applies: without
-clipping and noise the DP learning rate (0.5, steps of at most ``lr * clip``)
-overshoots, so non-private runs train at 0.05.
+When a study cell has epsilon = inf, DP is off and ``NONPRIVATE`` applies: the
+product's non-private recipe (:data:`common.federation_config.NONPRIVATE_RECIPE`).
 """
 
 from __future__ import annotations
@@ -17,14 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.federation_config import ConfigError, FederationConfig
+from common.federation_config import NONPRIVATE_RECIPE, ConfigError, FederationConfig
 from simulations.baselines import run_centralised, run_local_only
 from simulations.runner import SimulatedSites, simulate
 
 Results = dict[str, Any]
 MethodRunner = Callable[[FederationConfig, SimulatedSites, Path | None], Results]
 
-NONPRIVATE: Mapping[str, Any] = {"dp": False, "lr": 0.05}
+NONPRIVATE: Mapping[str, Any] = {"dp": False, **NONPRIVATE_RECIPE}
 
 
 def _federated(cfg: FederationConfig, sites: SimulatedSites, out_dir: Path | None) -> Results:

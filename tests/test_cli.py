@@ -78,3 +78,27 @@ def test_a_ten_class_data_set_runs_with_label_skew_and_fedbn(
     assert 0 < results["pooled_test"]["auroc"] <= 1
     assert len(list((out / "state" / "ledgers" / "personal").glob("site-*.npz"))) == 2
     assert "site-0" in capsys.readouterr().out
+
+
+class _Captured(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    ([], ("sgd", 1.0, 0.8)),
+    (["--no-dp"], ("adam", 0.003, 0.7)),
+    (["--no-dp", "--lr", "0.01", "--optimizer", "sgd"], ("sgd", 0.01, 0.7)),
+])
+def test_the_product_picks_its_recipe_for_the_privacy_asked_and_flags_win(
+    small_pneumonia_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    flags: list[str], expected: tuple[str, float, float],
+) -> None:
+    def capture(cfg, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise _Captured(cfg)
+
+    monkeypatch.setattr("simulations.runner.simulate", capture)
+    with pytest.raises(_Captured) as captured:
+        main(["simulate", "--data-dir", str(small_pneumonia_dir), "--out", str(tmp_path),
+              *flags])
+    cfg = captured.value.args[0]
+    assert (cfg.optimizer, cfg.lr, cfg.lr_decay) == expected

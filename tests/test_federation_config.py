@@ -6,7 +6,7 @@ import pytest
 
 from common.backbones import BackboneError
 from common.federated_data import load_federation
-from common.federation_config import ConfigError, FederationConfig
+from common.federation_config import NONPRIVATE_RECIPE, ConfigError, FederationConfig
 
 
 @pytest.mark.parametrize("eps", [0.0, -0.5, float("inf")])
@@ -38,3 +38,12 @@ def test_flower_round_trip_and_unknown_keys() -> None:
         FederationConfig.from_flower({"rounds": 3})
     with pytest.raises(ConfigError, match="batch-size = 'many' is not a valid int"):
         FederationConfig.from_flower({"batch-size": "many"})
+
+
+def test_a_non_private_run_takes_the_non_private_recipe_where_it_does_not_say_otherwise() -> None:
+    private = FederationConfig.from_flower({"dp": True})
+    assert (private.optimizer, private.lr) == ("sgd", FederationConfig.lr)
+    open_run = FederationConfig.from_flower({"dp": "false"})
+    assert {k: getattr(open_run, k) for k in NONPRIVATE_RECIPE} == dict(NONPRIVATE_RECIPE)
+    chosen = FederationConfig.from_flower({"dp": False, "lr": 0.01})
+    assert (chosen.optimizer, chosen.lr) == (NONPRIVATE_RECIPE["optimizer"], 0.01)

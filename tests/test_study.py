@@ -76,7 +76,8 @@ def test_cell_config_applies_point_method_and_nonprivate_settings(tmp_path: Path
     assert private.num_sites == 3 and len(private.prevalences) == 3
     assert private.seed == 1 and not private.shift and private.image_size == 16
     open_run = cell_config(study, Cell("fedshift", math.inf, 4, 0.5, 0.0, 0), "", tmp_path)
-    assert (open_run.dp, open_run.lr, open_run.label_skew) == (False, 0.05, 0.5)
+    assert (open_run.dp, open_run.lr, open_run.optimizer, open_run.label_skew) == (
+        False, 0.003, "adam", 0.5)
     assert open_run.prevalences == (0.4, 0.6, 0.75, 0.9)
 
 
