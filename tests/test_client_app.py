@@ -12,6 +12,9 @@ from client.app import make_client_app
 from client.local_training import LocalTrainingConfig, steps_per_round
 from client.personal_params import personal_names
 from client.privacy_ledger import PrivacyLedger
+from client.release_policy import SitePolicy
+from client.site_runtime import resolve_site
+from client.site_work import evaluate_site, site_model
 from common.federated_data import load_federation
 from common.federation_config import FederationConfig
 from common.messages import (
@@ -19,8 +22,10 @@ from common.messages import (
     ERROR_BUDGET_EXCEEDED,
     ERROR_NOT_ALLOWED,
     ERROR_SITE_DATA,
+    Request,
 )
 from common.model_surgery import build_model
+from common.prediction import calibrated_predictions
 from common.privacy_accounting import GaussianRelease, certify, epsilon_spent
 from common.trainable_arrays import trainable_arrays
 from tests.site_files import write_class_tree
@@ -237,3 +242,28 @@ def test_a_dp_count_weight_is_released_once_per_run_and_charged(cfg: FederationC
     plan = ledger.plan("42")
     assert plan is not None and plan.reservation("count", "train") is not None
     assert ledger.epsilon_spent() <= 2.0
+
+
+@pytest.mark.parametrize("target", [0.0, 0.95])
+def test_evaluation_counts_are_decided_at_the_sites_own_operating_point(
+        cfg: FederationConfig, target: float) -> None:
+    # A model whose head calls every image class 1 by a margin of 60: argmax would
+    # put nothing in the first column. The site recalibrates on its validation split.
+    arrays = trainable_arrays(build_model(cfg.model_spec()))
+    rigged = {k: v.numpy().copy() for k, v in arrays.items()}
+    bias = next(k for k in rigged if k.endswith("bias") and rigged[k].shape == (2,))
+    rigged[bias] = np.array([0.0, 60.0], dtype=rigged[bias].dtype)
+    site = resolve_site(cfg.replace(dp=False), {"partition-id": 0}, "run",
+                        policy=SitePolicy(target_sensitivity=target))
+    reply = evaluate_site(site, ArrayRecord({k: Array(v) for k, v in rigged.items()}),
+                          Request(server_round=1, run_key="run"))
+    confusion = reply.confusion
+    assert reply.noise_std == 0 and confusion.sum() == len(site.data.labels["test"])
+    assert confusion[:, 0].sum() > 0 and confusion[:, 1].sum() > 0
+    if target:
+        val = calibrated_predictions(
+            site_model(site, ArrayRecord({k: Array(v) for k, v in rigged.items()})),
+            site.data.images["val"], site.data.labels["val"], site.data.images["val"],
+            site.device, target)
+        labels = site.data.labels["val"].numpy()
+        assert np.mean(val.decisions[labels == 1] == 1) >= target
