@@ -159,7 +159,7 @@ class FederationConfig:
         disk beside its ledger and trains and predicts with them; they never travel.
         The shift summaries still read the pretrained statistics, so they compare
         one global model across sites. 0: off.
-    adapt_norm_noise : float (default: 40.0)
+    adapt_norm_noise : float (default: 10.0)
         Noise multiplier of each adapted layer's moment sum and of the image count;
         the ``adapt_norm_layers + 1`` releases together cost one Gaussian mechanism
         of multiplier ``adapt_norm_noise / sqrt(adapt_norm_layers + 1)``.
@@ -209,7 +209,7 @@ class FederationConfig:
     histogram_noise: float = 20.0
     personal_bn: bool = False
     adapt_norm_layers: int = 0
-    adapt_norm_noise: float = 40.0
+    adapt_norm_noise: float = 10.0
     adapt_norm_clip: float = 0.5
 
     def __post_init__(self) -> None:
