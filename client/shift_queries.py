@@ -4,16 +4,19 @@ Two kinds, chosen by the message's ``kind`` config value:
 
 ``moments`` (every round)
     DP per-class sums of per-image normalisation-input moments of the site's
-    training images under the current global model, and DP per-class counts (the
-    label histogram). Charged to the ``train`` part of the ledger, within the
-    run's noise plan, which reserved the cost of one such release per round.
+    training images under the current global model with the pretrained
+    statistics (a site's adapted statistics stay out, so every site is read
+    through the same model), and DP per-class counts (the label histogram).
+    Charged to the ``train`` part of the ledger, within the run's noise plan,
+    which reserved the cost of one such release per round.
 ``deployment`` (after the last round)
     DP histograms of the global model's scores: of the labelled validation split
     per true class (``validation`` part) and of the unlabelled deployment pool
-    (``deployment`` part), each at the run's ``histogram-noise``. From these
-    the site fits its calibration, estimates its deployment priors by MLLS and
-    corrects its predictions by Bayes' rule; when the pool has audit labels
-    (simulations) it reports metrics with and without correction, a
+    (``deployment`` part), each at the run's ``histogram-noise``, under the model
+    the site predicts with (with its adapted statistics, where the run adapts).
+    From these the site fits its calibration, estimates its deployment priors by
+    MLLS and corrects its predictions by Bayes' rule; when the pool has audit
+    labels (simulations) it reports metrics with and without correction, a
     non-DP release its policy must name (``audit-metrics``).
 
 Every release's noise was fixed by the run's plan (:func:`client.site_work.noise_plan`),
@@ -28,7 +31,14 @@ from flwr.app import ArrayRecord
 
 from client.privacy_ledger import BudgetExceeded, NoisePlan
 from client.site_runtime import SiteRuntime
-from client.site_work import allowed_extras, noise_plan, reserved_release, rng, site_model
+from client.site_work import (
+    allowed_extras,
+    noise_plan,
+    reference_model,
+    reserved_release,
+    rng,
+    site_model,
+)
 from common.classification_metrics import classification_metrics
 from common.federation_config import ConfigError
 from common.label_shift import (
@@ -76,7 +86,7 @@ def moments_reply(site: SiteRuntime, arrays: ArrayRecord, request: Request) -> M
         raise BudgetExceeded(f"refused {what}: this run released round {round_}'s already")
     release = reserved_release(site, plan, "moments", "train", what)
     images, labels = site.data.images["train"], site.data.labels["train"]
-    model = site_model(site, arrays)
+    model = reference_model(site, arrays)
     layout = moment_layout(model, site.cfg.moment_layers,
                            request.moment_clip or site.cfg.moment_clip)
     centre = _centre(request, layout.centre_shape(site.cfg.num_classes))

@@ -22,11 +22,13 @@ from client.local_training import (
 )
 from client.personal_params import apply_personal, personal_path, save_personal
 from client.privacy_ledger import BudgetExceeded, NoisePlan, Reservation
+from client.site_norms import load_statistics, norms_path, save_statistics
 from client.site_runtime import SiteRuntime
 from common.classification_metrics import classification_metrics
 from common.federation_config import ConfigError
 from common.messages import NON_DP_RELEASES, EvaluateReply, Request, TrainReply
 from common.model_surgery import FedShiftModel, build_model
+from common.norm_adaptation import adaptation_release, apply_statistics, estimate_statistics
 from common.prediction import calibrated_predictions
 from common.privacy_accounting import GaussianRelease, noise_for_budget
 from common.private_summaries import class_sums_release, noisy_histogram
@@ -35,18 +37,90 @@ from common.trainable_arrays import load_trainable_arrays, trainable_arrays
 logger = logging.getLogger(__name__)
 
 
+def _site_dir(site: SiteRuntime) -> Path:
+    """Where the site keeps its own files for a run: beside its ledger."""
+    return site.ledger.path.parent if site.ledger is not None else Path(site.cfg.state_dir)
+
+
 def _personal_path(site: SiteRuntime) -> Path:
-    site_dir = site.ledger.path.parent if site.ledger is not None else Path(site.cfg.state_dir)
-    return personal_path(site_dir, site.name, site.run_key)
+    return personal_path(_site_dir(site), site.name, site.run_key)
+
+
+def _norms_path(site: SiteRuntime) -> Path:
+    return norms_path(_site_dir(site), site.name, site.run_key)
+
+
+def reference_model(site: SiteRuntime, arrays: ArrayRecord) -> FedShiftModel:
+    """The global model with the pretrained statistics: the same at every site."""
+    model = build_model(site.cfg.model_spec())
+    load_trainable_arrays(model, arrays)
+    return model
 
 
 def site_model(site: SiteRuntime, arrays: ArrayRecord) -> FedShiftModel:
-    """The global model as this site uses it: with its own scale/shift under personal-bn."""
-    model = build_model(site.cfg.model_spec())
-    load_trainable_arrays(model, arrays)
+    """The global model as this site uses it: with its own scale/shift under personal-bn
+    and its own statistics of the first ``adapt-norm-layers`` normalisation layers.
+
+    Raises
+    ------
+    ConfigError
+        When the run adapts statistics and this site has none for it yet (it
+        estimates them with its first training round).
+    """
+    model = reference_model(site, arrays)
     if site.cfg.personal_bn:
         apply_personal(model, _personal_path(site))
+    if site.cfg.adapt_norm_layers:
+        statistics = load_statistics(_norms_path(site))
+        if statistics is None:
+            raise ConfigError(
+                f"run {site.run_key} adapts normalisation statistics, which site {site.name} "
+                "estimates with its first training round of the run, and it has not trained "
+                "in this run yet"
+            )
+        apply_statistics(model, statistics)
     return model
+
+
+def adapt_norms(site: SiteRuntime, arrays: ArrayRecord, plan: NoisePlan | None,
+                round_: int) -> None:
+    """Estimate the site's statistics of its first ``adapt-norm-layers`` normalisation
+    layers, once per run (a run that has them keeps them): under the run's reserved
+    Gaussian mechanism and charged before they are kept and used, or exactly in a run
+    without DP (``plan`` None)."""
+    cfg = site.cfg
+    path = _norms_path(site)
+    if not cfg.adapt_norm_layers or path.exists():
+        return
+    what = f"normalisation statistics of {cfg.adapt_norm_layers} layers"
+    release = None
+    if site.ledger is not None:
+        assert plan is not None
+        if site.ledger.made(site.run_key, "norm-statistics", "train"):
+            raise BudgetExceeded(
+                f"refused training: this run estimated and charged its {what} already, but "
+                f"their file {path} is gone and the plan holds no budget to estimate them "
+                "again; restore the file or start a new run"
+            )
+        release = reserved_release(site, plan, "norm-statistics", "train", what)
+        asked = adaptation_release(cfg.adapt_norm_noise, cfg.adapt_norm_layers)
+        if asked != release:
+            raise ConfigError(
+                f"refused the {what}: adapt-norm-noise {cfg.adapt_norm_noise:g} over "
+                f"{cfg.adapt_norm_layers} layers costs noise multiplier "
+                f"{asked.noise_multiplier:.4g}, but the run's noise plan reserved "
+                f"{release.noise_multiplier:.4g}; restore the run's adapt-norm settings"
+            )
+    model = reference_model(site, arrays)
+    statistics = estimate_statistics(
+        model, cfg.adapt_norm_layers, site.data.images["train"], cfg.adapt_norm_clip,
+        cfg.adapt_norm_noise if release is not None else None, rng(), site.device)
+    if release is not None:
+        assert site.ledger is not None
+        site.ledger.charge(release, site.run_key, round_, what, "train", "norm-statistics", plan)
+    save_statistics(path, statistics)
+    logger.info("%s: estimated and kept its %s (%s)", site.name, what,
+                "DP" if release is not None else "exact, no DP")
 
 
 def _trained(site: SiteRuntime, model: FedShiftModel) -> ArrayRecord:
@@ -69,6 +143,10 @@ def reservations(site: SiteRuntime) -> tuple[Reservation, ...]:
     """The releases besides DP-SGD a run may make at this site, within its policy."""
     cfg, policy = site.cfg, site.policy
     out = []
+    if cfg.adapt_norm_layers:
+        out.append(Reservation("norm-statistics", "train",
+                               adaptation_release(cfg.adapt_norm_noise,
+                                                  cfg.adapt_norm_layers).noise_multiplier, 1))
     shift = cfg.shift and policy.shift_summaries
     if shift and policy.label_histograms:
         out.append(Reservation("moments", "train",
@@ -202,6 +280,7 @@ def train_site(site: SiteRuntime, arrays: ArrayRecord, request: Request) -> Trai
     extras: dict[str, float] = {"num-examples": len(labels),
                                 "skipped-images": site.skipped_images}
     if site.ledger is None:
+        adapt_norms(site, arrays, None, round_)
         model = site_model(site, arrays)
         outcome = train_locally(model, images, labels, train_cfg, None, site.device)
         extras.update({"train-loss": outcome.mean_loss,
@@ -229,6 +308,7 @@ def train_site(site: SiteRuntime, arrays: ArrayRecord, request: Request) -> Trai
             "charges; restore the run's local-epochs and batch-size"
         )
     site.ledger.check(release, what)
+    adapt_norms(site, arrays, plan, round_)
     weight = _weight(site, plan, round_)
     model = site_model(site, arrays)
     outcome = train_locally(model, images, labels, train_cfg, plan.noise_multiplier, site.device)

@@ -163,6 +163,24 @@ class FederationConfig:
         and evaluation, so only the head and input adapter are shared in effect.
         Shift summaries compare one global model across sites, so they need
         ``shift = false``.
+    adapt_norm_layers : int (default: 0)
+        Site-adapted normalisation (AdaBN, kept site-local as in FedBN): every site
+        re-estimates the statistics of the first ``adapt_norm_layers`` frozen
+        normalisation layers from its training images, once per run with its first
+        training round, under a Gaussian mechanism charged to its ledger (the run's
+        noise plan reserves it; see :mod:`common.norm_adaptation`), keeps them on its
+        disk beside its ledger and trains and predicts with them; they never travel.
+        The shift summaries still read the pretrained statistics, so they compare
+        one global model across sites. 0: off.
+    adapt_norm_noise : float (default: 10.0)
+        Noise multiplier of each adapted layer's moment sum and of the image count;
+        the ``adapt_norm_layers + 1`` releases together cost one Gaussian mechanism
+        of multiplier ``adapt_norm_noise / sqrt(adapt_norm_layers + 1)``.
+    adapt_norm_clip : float (default: 0.5)
+        Bound on the root mean square entry of one image's moment vector (per
+        channel: the spatial means of the standardised input and of its square
+        minus 1, in units of the pretrained statistics); the vector's L2 bound is
+        ``adapt_norm_clip * sqrt(2 * channels)``.
     """
 
     dataset: str = "pneumoniamnist"
@@ -203,6 +221,9 @@ class FederationConfig:
     evaluation_noise: float = 20.0
     histogram_noise: float = 20.0
     personal_bn: bool = False
+    adapt_norm_layers: int = 0
+    adapt_norm_noise: float = 10.0
+    adapt_norm_clip: float = 0.5
 
     def __post_init__(self) -> None:
         self.validate()
@@ -271,6 +292,15 @@ class FederationConfig:
             (not (self.personal_bn and not mode.trains_affine),
              f"personal-bn keeps each site's BatchNorm scale/shift, which transfer mode "
              f"{self.mode!r} does not train; use bn+head"),
+            (self.adapt_norm_layers >= 0,
+             f"adapt-norm-layers must be >= 0 (0: off), got {self.adapt_norm_layers}"),
+            (self.adapt_norm_noise > 0 and math.isfinite(self.adapt_norm_noise),
+             f"adapt-norm-noise must be a finite number > 0, got {self.adapt_norm_noise}"),
+            (self.adapt_norm_clip > 0 and math.isfinite(self.adapt_norm_clip),
+             f"adapt-norm-clip must be a finite number > 0, got {self.adapt_norm_clip}"),
+            (not (self.adapt_norm_layers and not mode.keeps_frozen_norms),
+             f"adapt-norm-layers re-estimates the frozen normalisation statistics, which "
+             f"transfer mode {self.mode!r} does not keep; use bn+head, bn, head or partial:K"),
         ]
         for ok, message in checks:
             if not ok:

@@ -9,6 +9,7 @@ charge for it. Nothing else about the data leaves through these functions.
 Sensitivities:
 
 * a histogram (each record adds 1 to one cell): 1;
+* a sum of per-record vectors clipped to norm ``S``: ``S``;
 * per-class sums of per-record vectors clipped to norm ``S``, together with the
   per-class counts: ``S`` for the sums and 1 for the counts. Both are released with
   the same noise multiplier ``z`` (noise ``z * S`` on sums, ``z`` on counts), which
@@ -61,6 +62,33 @@ def clip_rows(vectors: np.ndarray, bound: float) -> np.ndarray:
     """Scale each row of (N, D) ``vectors`` down to L2 norm at most ``bound``."""
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return vectors * np.minimum(1.0, bound / np.maximum(norms, 1e-12))
+
+
+def noisy_clipped_sum(vectors: np.ndarray, bound: float, noise_multiplier: float,
+                      rng: np.random.Generator) -> tuple[np.ndarray, GaussianRelease]:
+    """The sum of per-record vectors, each first clipped to L2 norm ``bound``, with
+    Gaussian noise of std ``noise_multiplier * bound`` on every entry.
+
+    Adding or removing one record moves the clipped sum by at most ``bound``, so this
+    is one Gaussian mechanism of multiplier ``noise_multiplier``.
+
+    Parameters
+    ----------
+    vectors : np.ndarray
+        (N, D) per-record vectors, any norm (they are clipped here).
+    bound : float
+        Clip norm of one record's vector: the sum's sensitivity.
+    noise_multiplier : float
+        Noise std over the sensitivity.
+    rng : np.random.Generator
+        Source of the noise.
+    """
+    if noise_multiplier <= 0 or bound <= 0:
+        raise ValueError("noise multiplier and clip bound must be > 0")
+    vectors = np.asarray(vectors, dtype=np.float64)
+    total = clip_rows(vectors, bound).sum(axis=0)
+    noisy = total + rng.normal(0.0, noise_multiplier * bound, size=total.shape)
+    return noisy, GaussianRelease(noise_multiplier, 1.0, 1)
 
 
 def class_sums_release(noise_multiplier: float, rounds: int = 1) -> GaussianRelease:

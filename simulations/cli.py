@@ -92,6 +92,14 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                         "exceed the default")
     p.add_argument("--personal-bn", action="store_true",
                    help="FedBN: every site keeps its own BatchNorm scale/shift (needs --no-shift)")
+    p.add_argument("--adapt-norm-layers", type=int, default=DEFAULTS.adapt_norm_layers,
+                   help="every site re-estimates the statistics of the first K normalisation "
+                        "layers from its training images, once per run, under DP (charged), "
+                        "and keeps them to itself; 0: off")
+    p.add_argument("--adapt-norm-noise", type=float, default=DEFAULTS.adapt_norm_noise,
+                   help="noise multiplier of each adapted layer's moment sum and of the count")
+    p.add_argument("--adapt-norm-clip", type=float, default=DEFAULTS.adapt_norm_clip,
+                   help="bound on the root mean square entry of one image's moment vector")
     p.add_argument("--no-shift", action="store_true",
                    help="do not query the sites for DP shift summaries (all budget to training)")
     p.add_argument("--evaluations", type=int, default=DEFAULTS.evaluations,
@@ -115,6 +123,8 @@ def _config(args: argparse.Namespace, state_dir: Path) -> FederationConfig:
         image_size=args.image_size,
         num_sites=args.sites or len(prevalences), prevalences=prevalences,
         label_skew=args.label_skew, personal_bn=args.personal_bn, shift=not args.no_shift,
+        adapt_norm_layers=args.adapt_norm_layers, adapt_norm_noise=args.adapt_norm_noise,
+        adapt_norm_clip=args.adapt_norm_clip,
         backbone=args.backbone,
         weights=args.weights, mode=args.mode, num_rounds=args.rounds,
         local_epochs=args.local_epochs, batch_size=args.batch_size,

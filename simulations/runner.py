@@ -161,7 +161,8 @@ def pooled_test(sites: tuple[SiteData, ...], scored: dict[str, CalibratedPredict
 
 
 def _final_model_for(cfg: FederationConfig, sites: tuple[SiteData, ...]) -> SiteModel:
-    """The final global model; under personal-bn each site's own scale/shift in it."""
+    """The final global model as each site uses it (:func:`client.site_work.site_model`):
+    with its own scale/shift under personal-bn and its own adapted statistics."""
     final = load_arrays(Path(cfg.state_dir) / FINAL_ARRAYS_FILE)
     run_key = json.loads((Path(cfg.state_dir) / HISTORY_FILE).read_text())["run_key"]
     index = {s.name: i for i, s in enumerate(sites)}

@@ -6,17 +6,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
+from client import site_work
 from client.app import make_client_app
-from client.local_training import LocalTrainingConfig, steps_per_round
+from client.local_training import LocalTrainingConfig, steps_per_round, train_locally
 from client.personal_params import personal_names
 from client.privacy_ledger import PrivacyLedger
 from client.release_policy import SitePolicy
+from client.site_norms import load_statistics
 from client.site_runtime import resolve_site
 from client.site_work import evaluate_site, site_model
 from common.federated_data import load_federation
-from common.federation_config import FederationConfig
+from common.federation_config import ConfigError, FederationConfig
+from common.frozen_batchnorm import FrozenNorm
 from common.messages import (
     ERROR_BAD_REQUEST,
     ERROR_BUDGET_EXCEEDED,
@@ -25,6 +29,7 @@ from common.messages import (
     Request,
 )
 from common.model_surgery import build_model
+from common.norm_adaptation import adaptation_release, estimate_statistics
 from common.prediction import calibrated_predictions
 from common.privacy_accounting import GaussianRelease, certify, epsilon_spent
 from common.trainable_arrays import trainable_arrays
@@ -267,3 +272,117 @@ def test_evaluation_counts_are_decided_at_the_sites_own_operating_point(
             site.device, target)
         labels = site.data.labels["val"].numpy()
         assert np.mean(val.decisions[labels == 1] == 1) >= target
+
+
+def _first_norms(model: torch.nn.Module, count: int) -> list[tuple[str, FrozenNorm]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, FrozenNorm)][:count]
+
+
+def test_adapted_statistics_are_charged_once_kept_at_the_site_used_and_never_sent(
+        cfg: FederationConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = cfg.replace(num_rounds=2, adapt_norm_layers=2)
+    model = build_model(cfg.model_spec())
+    initial = trainable_arrays(model)
+    pretrained = {n: m.mean.clone() for n, m in _first_norms(model, 2)}
+    trained_with: list[dict[str, np.ndarray]] = []
+
+    def recording(net: torch.nn.Module, *args: object, **kwargs: object) -> object:
+        trained_with.append({n: m.mean.numpy().copy() for n, m in _first_norms(net, 3)})
+        return train_locally(net, *args, **kwargs)
+
+    monkeypatch.setattr(site_work, "train_locally", recording)
+    first = _send(cfg, MessageType.TRAIN, initial, 1)
+    assert not first.has_error(), first.error.reason if first.has_error() else ""
+    ledger_path = Path(cfg.state_dir) / "ledgers" / "site-1.json"
+    ledger = PrivacyLedger(ledger_path, 2.0, cfg.delta)
+    [charged] = [e for e in ledger.entries() if e.mechanism == "norm-statistics"]
+    assert (charged.part, charged.round) == ("train", 1)
+    assert charged.release == adaptation_release(cfg.adapt_norm_noise, 2)
+    kept = load_statistics(ledger_path.parent / "adapted-norms" / "site-1-42.npz")
+    assert kept is not None and set(kept) == set(pretrained)
+    for name, stats in kept.items():
+        assert not np.allclose(stats.mean, pretrained[name].numpy(), atol=1e-3)
+        # Training ran with the site's statistics in the adapted layers, pretrained after.
+        np.testing.assert_allclose(trained_with[0][name], stats.mean, rtol=1e-6)
+    third = _first_norms(model, 3)[2]
+    np.testing.assert_array_equal(trained_with[0][third[0]], third[1].mean.numpy())
+    # They are buffers: the reply carries the trainable arrays and nothing of them.
+    sent = first.content["arrays"]
+    assert set(sent.keys()) == set(initial.keys())
+    for array in sent.values():
+        for stats in kept.values():
+            for value in (stats.mean, stats.var):
+                assert array.numpy().shape != value.shape or not np.allclose(
+                    array.numpy(), value, rtol=1e-4)
+    # The next round reuses them: nothing estimated or charged again.
+    before = (ledger_path.parent / "adapted-norms" / "site-1-42.npz").read_bytes()
+    assert not _send(cfg, MessageType.TRAIN, sent, 2).has_error()
+    ledger = PrivacyLedger(ledger_path, 2.0, cfg.delta)
+    assert len(ledger.made("42", "norm-statistics")) == 1
+    assert (ledger_path.parent / "adapted-norms" / "site-1-42.npz").read_bytes() == before
+    np.testing.assert_allclose(trained_with[1][next(iter(kept))], next(iter(kept.values())).mean,
+                               rtol=1e-6)
+    # The site predicts with them; the shared reference model keeps the pretrained ones.
+    site = resolve_site(cfg, {"partition-id": 1}, "42")
+    for name, norm in _first_norms(site_work.site_model(site, sent), 2):
+        np.testing.assert_allclose(norm.var.numpy(), kept[name].var, rtol=1e-6)
+    for name, norm in _first_norms(site_work.reference_model(site, sent), 2):
+        np.testing.assert_array_equal(norm.mean, pretrained[name])
+    assert ledger.epsilon_spent() <= 2.0
+
+
+def test_the_noise_plan_reserves_the_adapted_statistics_and_the_run_still_fits(
+        cfg: FederationConfig, tmp_path: Path) -> None:
+    plain = resolve_site(cfg, {"partition-id": 1}, "42")
+    adapting = resolve_site(cfg.replace(adapt_norm_layers=3, adapt_norm_noise=10.0,
+                                        state_dir=str(tmp_path / "other")),
+                            {"partition-id": 1}, "42")
+    plans = [site_work.noise_plan(site) for site in (plain, adapting)]
+    assert plans[0].reservation("norm-statistics", "train") is None
+    reserved = plans[1].reservation("norm-statistics", "train")
+    assert reserved is not None and reserved.releases == 1
+    assert reserved.release() == adaptation_release(10.0, 3)
+    # Its cost leaves less for DP-SGD, whose noise grows; the whole run still fits.
+    assert plans[1].noise_multiplier > plans[0].noise_multiplier
+    for plan in plans:
+        whole = [GaussianRelease(plan.noise_multiplier, plan.sample_rate,
+                                 plan.steps_per_round * plan.planned_rounds),
+                 *[r.release(r.releases) for r in plan.reserved]]
+        assert 0.95 * cfg.epsilon < certify(whole, cfg.delta).epsilon <= cfg.epsilon
+
+
+def test_adapted_statistics_are_estimated_exactly_without_dp(cfg: FederationConfig) -> None:
+    cfg = cfg.replace(adapt_norm_layers=2, dp=False, shift=False)
+    initial = trainable_arrays(build_model(cfg.model_spec()))
+    assert not _send(cfg, MessageType.TRAIN, initial, 1).has_error()
+    kept = load_statistics(Path(cfg.state_dir) / "adapted-norms" / "site-1-42.npz")
+    site = resolve_site(cfg, {"partition-id": 1}, "42")
+    exact = estimate_statistics(site_work.reference_model(site, initial), 2,
+                                site.data.images["train"], cfg.adapt_norm_clip, None,
+                                np.random.default_rng(0), torch.device("cpu"))
+    assert kept is not None and set(kept) == set(exact)
+    for name in exact:
+        np.testing.assert_allclose(kept[name].mean, exact[name].mean, rtol=1e-9)
+
+
+def test_adapted_statistics_are_refused_where_the_run_or_the_site_cannot_back_them(
+        cfg: FederationConfig) -> None:
+    cfg = cfg.replace(num_rounds=2, adapt_norm_layers=1)
+    initial = trainable_arrays(build_model(cfg.model_spec()))
+    # Evaluating before the site has estimated them: it says why.
+    early = _send(cfg, MessageType.EVALUATE, initial, 1, run_id=41)
+    assert early.error.code == ERROR_BAD_REQUEST
+    assert "estimates with its first training round" in early.error.reason
+    # A plan fixed for other settings: the estimate would not be what was reserved.
+    site = resolve_site(cfg, {"partition-id": 1}, "42")
+    plan = site_work.noise_plan(site)
+    noisier = resolve_site(cfg.replace(adapt_norm_noise=2 * cfg.adapt_norm_noise),
+                           {"partition-id": 1}, "42")
+    with pytest.raises(ConfigError, match="restore the run's adapt-norm settings"):
+        site_work.adapt_norms(noisier, initial, plan, 1)
+    # Charged, then lost: the plan holds no budget to estimate them again.
+    assert not _send(cfg, MessageType.TRAIN, initial, 1).has_error()
+    (Path(cfg.state_dir) / "ledgers" / "adapted-norms" / "site-1-42.npz").unlink()
+    lost = _send(cfg, MessageType.TRAIN, initial, 2)
+    assert lost.error.code == ERROR_BUDGET_EXCEEDED
+    assert "is gone" in lost.error.reason

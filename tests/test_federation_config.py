@@ -47,3 +47,26 @@ def test_a_non_private_run_takes_the_non_private_recipe_where_it_does_not_say_ot
     assert {k: getattr(open_run, k) for k in NONPRIVATE_RECIPE} == dict(NONPRIVATE_RECIPE)
     chosen = FederationConfig.from_flower({"dp": False, "lr": 0.01})
     assert (chosen.optimizer, chosen.lr) == (NONPRIVATE_RECIPE["optimizer"], 0.01)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"adapt_norm_layers": -1}, "adapt-norm-layers must be >= 0 \\(0: off\\), got -1"),
+    ({"adapt_norm_noise": 0.0}, "adapt-norm-noise must be a finite number > 0, got 0.0"),
+    ({"adapt_norm_noise": float("inf")}, "adapt-norm-noise must be a finite number > 0"),
+    ({"adapt_norm_clip": -0.5}, "adapt-norm-clip must be a finite number > 0, got -0.5"),
+    ({"adapt_norm_layers": 2, "mode": "full-gn", "shift": False},
+     "adapt-norm-layers re-estimates the frozen normalisation statistics, which transfer "
+     "mode 'full-gn' does not keep"),
+])
+def test_adapted_norm_settings_are_checked(changes: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        FederationConfig(**changes)
+
+
+def test_adapted_norms_keep_the_shift_summaries_and_round_trip() -> None:
+    cfg = FederationConfig(adapt_norm_layers=3, adapt_norm_noise=25.0, adapt_norm_clip=0.4)
+    assert cfg.shift  # the summaries read the pretrained statistics, so both can run
+    assert FederationConfig(adapt_norm_layers=1, personal_bn=True, shift=False).personal_bn
+    assert FederationConfig.from_flower(cfg.to_flower()) == cfg
+    assert FederationConfig.from_flower({"adapt-norm-layers": "2"}).adapt_norm_layers == 2
+    assert FederationConfig().adapt_norm_layers == 0

@@ -6,18 +6,24 @@ import dataclasses
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
+from client import shift_queries
 from client.app import make_client_app
 from client.privacy_ledger import PrivacyLedger
 from client.release_policy import SitePolicy
 from client.site_config import load_site_config
+from client.site_norms import load_statistics
 from common.federated_data import SiteData, load_federation
 from common.federation_config import FederationConfig
+from common.frozen_batchnorm import FrozenNorm
 from common.messages import ERROR_BAD_REQUEST, ERROR_BUDGET_EXCEEDED
 from common.model_surgery import build_model
-from common.norm_moments import moment_layout
+from common.norm_moments import image_moments, moment_layout
+from common.prediction import predict_logits
 from common.trainable_arrays import trainable_arrays
 from tests.site_files import write_site
 
@@ -155,3 +161,36 @@ def test_a_deployed_sites_unlabelled_pool_gets_its_reserved_histogram(
     assert reply.content["summaries"]["pool-hist"].numpy().shape == (8,)
     ledger = PrivacyLedger(Path(node["ledger-path"]), 1.0, 1e-5)
     assert {e.part for e in ledger.entries()} == {"validation", "deployment"}
+
+
+def test_moments_read_the_pretrained_statistics_and_deployment_the_sites_own(
+        cfg: FederationConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = cfg.replace(adapt_norm_layers=1, epsilon=2.0)
+    model = build_model(cfg.model_spec())
+    arrays = trainable_arrays(model)
+    first = next(m for m in model.modules() if isinstance(m, FrozenNorm))
+    seen: dict[str, torch.Tensor] = {}
+
+    def first_mean(net: torch.nn.Module) -> torch.Tensor:
+        return next(m for m in net.modules() if isinstance(m, FrozenNorm)).mean.clone()
+
+    def moments(net: torch.nn.Module, *args: object) -> np.ndarray:
+        seen["moments"] = first_mean(net)
+        return image_moments(net, *args)
+
+    def logits(net: torch.nn.Module, *args: object) -> np.ndarray:
+        seen["deployment"] = first_mean(net)
+        return predict_logits(net, *args)
+
+    monkeypatch.setattr(shift_queries, "image_moments", moments)
+    monkeypatch.setattr(shift_queries, "predict_logits", logits)
+    assert not _send(cfg, MessageType.TRAIN, {"server-round": 1}, arrays).has_error()
+    for kind in ("moments", "deployment"):
+        reply = _send(cfg, "query.shift", {"kind": kind, "server-round": 1}, arrays)
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    kept = load_statistics(Path(cfg.state_dir) / "ledgers" / "adapted-norms" / "site-1-42.npz")
+    assert kept is not None
+    torch.testing.assert_close(seen["moments"], first.mean)
+    np.testing.assert_allclose(seen["deployment"].numpy(), next(iter(kept.values())).mean,
+                               rtol=1e-6)
+    assert _ledger(cfg).epsilon_spent() <= cfg.epsilon

@@ -8,12 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from client.site_norms import norms_path, save_statistics
+from common.federated_data import load_federation
 from common.federation_config import FederationConfig
 from common.model_surgery import build_model
+from common.norm_adaptation import NormStatistics, adapted_layers
 from common.privacy_accounting import PRV_EPS_ERROR
 from common.trainable_arrays import trainable_arrays
-from server.run_records import FINAL_ARRAYS_FILE, load_arrays
-from simulations.runner import RESULTS_FILE, simulate
+from server.run_records import FINAL_ARRAYS_FILE, HISTORY_FILE, load_arrays, save_arrays, write_json
+from simulations.runner import RESULTS_FILE, _final_model_for, simulate
 from tests import independent_accountant
 
 
@@ -103,3 +106,27 @@ def test_scenario_run_scores_shift_and_writes_the_report(small_pneumonia_dir: Pa
     report = (tmp_path / "report.md").read_text()
     assert "site-2" in report
     assert (tmp_path / "plots" / "covariate_scores.png").stat().st_size > 0
+
+
+def test_the_simulation_scores_each_site_with_its_adapted_statistics(
+        small_pneumonia_dir: Path, tmp_path: Path) -> None:
+    cfg = FederationConfig(
+        data_dir=str(small_pneumonia_dir), image_size=32, num_sites=2, prevalences=(0.4, 0.7),
+        state_dir=str(tmp_path / "state"), adapt_norm_layers=1,
+    )
+    model = build_model(cfg.model_spec())
+    [(name, norm)] = adapted_layers(model, 1)
+    save_arrays(Path(cfg.state_dir) / FINAL_ARRAYS_FILE, trainable_arrays(model))
+    write_json(Path(cfg.state_dir) / HISTORY_FILE, {"run_key": "r1"})
+    sites = tuple(load_federation(cfg))
+    own = {}
+    for i, site in enumerate(sites):
+        own[site.name] = NormStatistics(np.full(norm.num_features, float(i + 1)),
+                                        np.full(norm.num_features, float(i + 2)))
+        save_statistics(norms_path(Path(cfg.state_dir) / "ledgers", site.name, "r1"),
+                        {name: own[site.name]})
+    model_for = _final_model_for(cfg, sites)
+    for site in sites:
+        scored = model_for(site).get_submodule(name)
+        np.testing.assert_array_equal(scored.mean.numpy(), own[site.name].mean)
+        np.testing.assert_array_equal(scored.var.numpy(), own[site.name].var)
