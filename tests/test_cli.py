@@ -24,6 +24,14 @@ def test_non_positive_epsilon(capsys: pytest.CaptureFixture[str]) -> None:
     assert "epsilon must be a finite number > 0" in capsys.readouterr().err
 
 
+def test_adapted_norm_settings_reach_the_run_config_and_its_checks(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", "--adapt-norm-layers", "-1"]) == 2
+    assert "adapt-norm-layers must be >= 0 (0: off), got -1" in capsys.readouterr().err
+    assert main(["simulate", "--adapt-norm-layers", "1", "--adapt-norm-noise", "0"]) == 2
+    assert "adapt-norm-noise must be a finite number > 0" in capsys.readouterr().err
+
+
 def test_missing_data_file_names_file_and_place(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
