@@ -326,7 +326,7 @@ def warm_message_costs(cfg: FederationConfig, messages: int = 3) -> dict[str, di
         sites = simulated_sites(cfg).sites
         arrays = trainable_arrays(build_model(cfg.model_spec()))
         fixed: dict[str, list[float]] = {phase: [] for phase in PHASES}
-        inner = {"train": "train_locally", "evaluate": "predict_probs"}
+        inner = {"train": "train_locally", "evaluate": "calibrated_predictions"}
         for round_ in range(1, rounds + 1):
             content = RecordDict({"arrays": arrays, "config": Request(
                 server_round=round_, run_key="bench").to_config()})
