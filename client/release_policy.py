@@ -58,7 +58,8 @@ class SitePolicy:
         The site's operating point (binary tasks): the threshold on its calibrated
         scores that keeps at least this sensitivity on its validation split; 0:
         the balanced point (see :mod:`common.operating_point`). Used for its
-        evaluation counts; never released.
+        local decisions and its exact evaluation metrics (where it releases them by
+        name); never released itself.
     max_image_size, max_local_epochs, max_rounds, max_moment_layers : int
         The largest image size (default 512), local epochs per round (10), rounds
         per run (100) and moment layers (16) a run may ask of the site.

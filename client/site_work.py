@@ -324,9 +324,9 @@ def train_site(site: SiteRuntime, arrays: ArrayRecord, request: Request) -> Trai
 
 
 def evaluate_site(site: SiteRuntime, arrays: ArrayRecord, request: Request) -> EvaluateReply:
-    """DP-noised confusion counts of the global model on the site's test split (charged),
-    at the site's own operating point: calibrated and thresholded on its validation
-    split, locally (:mod:`common.operating_point`)."""
+    """DP-noised confusion counts of the global model's argmax on the site's test split
+    (charged); the exact metrics, where the site releases them, are at its own
+    operating point (:mod:`common.operating_point`)."""
     start = time.perf_counter()
     round_ = request.server_round
     k = site.cfg.num_classes
@@ -341,8 +341,13 @@ def evaluate_site(site: SiteRuntime, arrays: ArrayRecord, request: Request) -> E
     own = calibrated_predictions(model, data.images["val"], data.labels["val"],
                                  data.images["test"], site.device,
                                  site.policy.target_sensitivity)
+    # The released counts are DP for the test split only, so they must not depend on
+    # another part: the operating point is fitted on the validation split, and one
+    # validation record could move the threshold and many counts with it. They use
+    # the global model's argmax; the site's own decisions stay local (and in the
+    # exact metrics, which the site's policy must release by name).
     confusion = np.zeros((k, k))
-    np.add.at(confusion, (labels, own.decisions), 1.0)
+    np.add.at(confusion, (labels, np.argmax(own.logits, axis=1)), 1.0)
     noise_std = 0.0
     if site.ledger is not None and release is not None:
         noisy, release = noisy_histogram(confusion, release.noise_multiplier, rng())

@@ -38,8 +38,10 @@ def predict_logits(model: nn.Module, images: torch.Tensor, device: torch.device,
 
 @dataclass(frozen=True)
 class CalibratedPredictions:
-    """A site's calibrated posteriors and decisions on a split, and the point that made them."""
+    """A site's raw logits, calibrated posteriors and decisions on a split, and the point
+    that made them."""
 
+    logits: np.ndarray
     probs: np.ndarray
     decisions: np.ndarray
     point: OperatingPoint
@@ -55,4 +57,5 @@ def calibrated_predictions(model: nn.Module, validation_images: torch.Tensor,
     point = choose_operating_point(predict_logits(model, validation_images, device),
                                    validation_labels.numpy(), target_sensitivity)
     logits = predict_logits(model, images, device)
-    return CalibratedPredictions(point.calibration.probs(logits), point.decide(logits), point)
+    return CalibratedPredictions(logits, point.calibration.probs(logits), point.decide(logits),
+                                 point)
