@@ -68,13 +68,15 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, default=DEFAULTS.num_rounds)
     p.add_argument("--local-epochs", type=int, default=DEFAULTS.local_epochs)
     p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
-    p.add_argument("--lr", type=float, default=None,
+    # No default: the recipe for the privacy asked fills what is not given (and the
+    # help would otherwise append "(default: None)").
+    p.add_argument("--lr", type=float, default=argparse.SUPPRESS,
                    help=f"learning rate (default: {DEFAULTS.lr} under DP, "
                         f"{NONPRIVATE_RECIPE['lr']} with --no-dp)")
-    p.add_argument("--lr-decay", type=float, default=None,
+    p.add_argument("--lr-decay", type=float, default=argparse.SUPPRESS,
                    help=f"learning-rate factor per round (default: {DEFAULTS.lr_decay} under "
                         f"DP, {NONPRIVATE_RECIPE['lr_decay']} with --no-dp)")
-    p.add_argument("--optimizer", default=None, choices=("sgd", "adam"),
+    p.add_argument("--optimizer", default=argparse.SUPPRESS, choices=("sgd", "adam"),
                    help=f"default: {DEFAULTS.optimizer} under DP, "
                         f"{NONPRIVATE_RECIPE['optimizer']} with --no-dp")
     p.add_argument("--clip", type=float, default=DEFAULTS.clip,
@@ -116,8 +118,7 @@ def _config(args: argparse.Namespace, state_dir: Path) -> FederationConfig:
         raise ConfigError(
             f"--prevalences {args.prevalences!r}: give numbers in [0, 1] separated by commas"
         ) from None
-    recipe = {k: getattr(args, k) for k in ("lr", "lr_decay", "optimizer")
-              if getattr(args, k) is not None}
+    recipe = {k: getattr(args, k) for k in ("lr", "lr_decay", "optimizer") if hasattr(args, k)}
     cfg = FederationConfig.for_privacy(
         dp=not args.no_dp, **recipe, dataset=args.dataset, data_dir=args.data_dir,
         image_size=args.image_size,
