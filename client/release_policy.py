@@ -60,6 +60,11 @@ class SitePolicy:
         the balanced point (see :mod:`common.operating_point`). Used for its
         local decisions and its exact evaluation metrics (where it releases them by
         name); never released itself.
+    own_model_epochs : int (default: 10)
+        Epochs of a model the site trains on its own training split alone, without
+        DP (it never leaves the site), once per run; the site compares it with the
+        federated model on its validation split and decides with the better mix (see
+        :mod:`client.own_model`). 0: no own model, decisions by the federated model.
     max_image_size, max_local_epochs, max_rounds, max_moment_layers : int
         The largest image size (default 512), local epochs per round (10), rounds
         per run (100) and moment layers (16) a run may ask of the site.
@@ -74,6 +79,7 @@ class SitePolicy:
     composition: str = "sequential"
     ledger_must_exist: bool = False
     target_sensitivity: float = 0.0
+    own_model_epochs: int = 10
     max_image_size: int = 512
     max_local_epochs: int = 10
     max_rounds: int = 100
@@ -93,6 +99,8 @@ class SitePolicy:
             (0 <= self.target_sensitivity < 1,
              f"target_sensitivity must lie in (0, 1) (0: the balanced operating point), "
              f"got {self.target_sensitivity}"),
+            (self.own_model_epochs >= 0,
+             f"own_model_epochs must be >= 0 (0: no own model), got {self.own_model_epochs}"),
             (self.composition in COMPOSITIONS,
              f"composition must be one of {', '.join(COMPOSITIONS)}, got {self.composition!r}"),
             *[(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")

@@ -276,6 +276,9 @@ def _policy(top: _Table, ledger_must_exist: bool) -> SitePolicy:
     kwargs["target_sensitivity"] = table.number(
         "target_sensitivity", "a sensitivity in (0, 1), e.g. 0.9, or 0 for the balanced "
         "point", lambda v: 0 <= v < 1, defaults.target_sensitivity)
+    kwargs["own_model_epochs"] = table.integer(
+        "own_model_epochs", "a whole number of epochs >= 0 (0: no own model)",
+        range(0, 10**4), defaults.own_model_epochs)
     table.done()
     return SitePolicy(**kwargs)
 

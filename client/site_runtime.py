@@ -58,6 +58,11 @@ class SiteRuntime:
     archive: ReplyArchive | None = None
     skipped_images: int = 0
 
+    @property
+    def files_dir(self) -> Path:
+        """Where the site keeps its own files for a run: beside its ledger."""
+        return self.ledger.path.parent if self.ledger is not None else Path(self.cfg.state_dir)
+
 
 def resolve_device(value: str) -> torch.device:
     """``cuda``, ``cpu`` or ``auto`` (CUDA when torch sees a GPU) as a torch device."""

@@ -20,6 +20,7 @@ from client.local_training import (
     steps_per_round,
     train_locally,
 )
+from client.own_model import decision_model
 from client.personal_params import apply_personal, personal_path, save_personal
 from client.privacy_ledger import BudgetExceeded, NoisePlan, Reservation
 from client.site_norms import load_statistics, norms_path, save_statistics
@@ -29,7 +30,7 @@ from common.federation_config import ConfigError
 from common.messages import NON_DP_RELEASES, EvaluateReply, Request, TrainReply
 from common.model_surgery import FedShiftModel, build_model
 from common.norm_adaptation import adaptation_release, apply_statistics, estimate_statistics
-from common.prediction import calibrated_predictions
+from common.prediction import calibrated_predictions, predict_logits
 from common.privacy_accounting import GaussianRelease, noise_for_budget
 from common.private_summaries import class_sums_release, noisy_histogram
 from common.trainable_arrays import load_trainable_arrays, trainable_arrays
@@ -37,17 +38,12 @@ from common.trainable_arrays import load_trainable_arrays, trainable_arrays
 logger = logging.getLogger(__name__)
 
 
-def _site_dir(site: SiteRuntime) -> Path:
-    """Where the site keeps its own files for a run: beside its ledger."""
-    return site.ledger.path.parent if site.ledger is not None else Path(site.cfg.state_dir)
-
-
 def _personal_path(site: SiteRuntime) -> Path:
-    return personal_path(_site_dir(site), site.name, site.run_key)
+    return personal_path(site.files_dir, site.name, site.run_key)
 
 
 def _norms_path(site: SiteRuntime) -> Path:
-    return norms_path(_site_dir(site), site.name, site.run_key)
+    return norms_path(site.files_dir, site.name, site.run_key)
 
 
 def reference_model(site: SiteRuntime, arrays: ArrayRecord) -> FedShiftModel:
@@ -325,8 +321,9 @@ def train_site(site: SiteRuntime, arrays: ArrayRecord, request: Request) -> Trai
 
 def evaluate_site(site: SiteRuntime, arrays: ArrayRecord, request: Request) -> EvaluateReply:
     """DP-noised confusion counts of the global model's argmax on the site's test split
-    (charged); the exact metrics, where the site releases them, are at its own
-    operating point (:mod:`common.operating_point`)."""
+    (charged); the exact metrics, where the site releases them, are the site's own
+    decisions: its operating point (:mod:`common.operating_point`) on the model it
+    decides with (:func:`client.own_model.decision_model`)."""
     start = time.perf_counter()
     round_ = request.server_round
     k = site.cfg.num_classes
@@ -338,16 +335,20 @@ def evaluate_site(site: SiteRuntime, arrays: ArrayRecord, request: Request) -> E
     model = site_model(site, arrays)
     labels = site.data.labels["test"].numpy()
     data = site.data
-    own = calibrated_predictions(model, data.images["val"], data.labels["val"],
-                                 data.images["test"], site.device,
-                                 site.policy.target_sensitivity)
     # The released counts are DP for the test split only, so they must not depend on
     # another part: the operating point is fitted on the validation split, and one
-    # validation record could move the threshold and many counts with it. They use
-    # the global model's argmax; the site's own decisions stay local (and in the
-    # exact metrics, which the site's policy must release by name).
+    # validation record could move the threshold and many counts with it; the own
+    # model is trained on the training split. They use the global model's argmax; the
+    # site's own decisions stay local (and in the exact metrics, which the site's
+    # policy must release by name).
+    global_logits = predict_logits(model, data.images["test"], site.device)
+    # Everything that can fail comes before the charge.
+    decider, _ = decision_model(site, model)
+    own = calibrated_predictions(decider, data.images["val"], data.labels["val"],
+                                 data.images["test"], site.device,
+                                 site.policy.target_sensitivity)
     confusion = np.zeros((k, k))
-    np.add.at(confusion, (labels, np.argmax(own.logits, axis=1)), 1.0)
+    np.add.at(confusion, (labels, np.argmax(global_logits, axis=1)), 1.0)
     noise_std = 0.0
     if site.ledger is not None and release is not None:
         noisy, release = noisy_histogram(confusion, release.noise_multiplier, rng())

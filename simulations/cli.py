@@ -8,9 +8,11 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from client.release_policy import SitePolicy
 from client.site_cli import add_site_parser, run_site_command
 from common.backbones import BACKBONES, BackboneError
 from common.federation_config import (
@@ -107,6 +109,10 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--evaluations", type=int, default=DEFAULTS.evaluations,
                    help="federated evaluations (DP confusion counts, charged) in the last rounds; "
                         "each site's test metrics are scored by the simulation itself")
+    p.add_argument("--own-model-epochs", type=int, default=SitePolicy.own_model_epochs,
+                   help="every site trains a model of its own (no DP, never released) for "
+                        "this many epochs, compares it with the federated one on its "
+                        "validation split and decides with the better mix; 0: off")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed)
     p.add_argument("--verbose", action="store_true", help="show Flower's log")
 
@@ -163,6 +169,7 @@ def print_results(results: dict[str, Any]) -> None:
     print(f"{'pooled':<10}{'':>6}{'':>9}{_fmt(p['accuracy']):>8}"
           f"{_fmt(p['balanced_accuracy']):>9}{_fmt(p.get('sensitivity')):>7}"
           f"{_fmt(p.get('specificity')):>7}{_fmt(p['auroc']):>8}{'':>8}")
+    _print_own_models(results)
     print(f"\nsent per site and round: {results['bytes_per_round_per_site'] / 1024:.1f} KiB "
           f"({100 * results['bytes_fraction_of_full_model']:.2f}% of the full model's "
           f"{results['full_model_bytes'] / 2**20:.1f} MiB)")
@@ -171,9 +178,33 @@ def print_results(results: dict[str, Any]) -> None:
         print(f"refused: {who}: {reason}")
 
 
+def _print_own_models(results: dict[str, Any]) -> None:
+    """Whether any site would do better alone, and what each decides with."""
+    rows = [(s["name"], s["test"], s["own_model"]) for s in results["sites"] if "own_model" in s]
+    if not rows:
+        return
+    print("\nbetter off alone? each site's own model (its training split, no DP, never "
+          "released)\nagainst the federated one; validation log loss, then test AUROC")
+    header = (f"{'site':<10}{'fed loss':>10}{'own loss':>10}{'decides with':>16}"
+              f"{'fed':>8}{'own':>8}{'decided':>9}")
+    print(header)
+    print("-" * len(header))
+    for name, federated, own in rows:
+        weight = own["weight"]
+        mix = ("federated" if weight == 1 else "own model" if weight == 0
+               else f"{weight:.0%} federated")
+        print(f"{name:<10}{_fmt(own['federated_loss']):>10}{_fmt(own['local_loss']):>10}"
+              f"{mix:>16}{_fmt(federated['auroc']):>8}{_fmt(own['test_alone']['auroc']):>8}"
+              f"{_fmt(own['test']['auroc']):>9}")
+    pooled = results.get("pooled_test_as_decided")
+    if pooled is not None:
+        print(f"pooled test AUROC as the sites decide: {_fmt(pooled['auroc'])}, balanced "
+              f"accuracy {_fmt(pooled['balanced_accuracy'])}")
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from server.run_report import REPORT_FILE
-    from simulations.runner import RESULTS_FILE, progress_callback, simulate
+    from simulations.runner import RESULTS_FILE, progress_callback, simulate, simulated_policy
 
     if args.out is not None:
         state_dir = args.out / "state"
@@ -192,7 +223,8 @@ def _simulate(args: argparse.Namespace) -> int:
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     on_round, close = progress_callback(cfg.num_rounds)
     try:
-        results = simulate(cfg, args.out, on_round)
+        policy = replace(simulated_policy(cfg), own_model_epochs=args.own_model_epochs)
+        results = simulate(cfg, args.out, on_round, policy=policy)
     finally:
         close()
     print()

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from client.app import make_client_app
+from client.own_model import decision_model, own_model
 from client.privacy_ledger import PARTS, PrivacyLedger
 from client.release_policy import SitePolicy
 from client.site_runtime import resolve_device, resolve_site
@@ -123,8 +124,7 @@ def _site_results(cfg: FederationConfig, sites: tuple[SiteData, ...],
         if cfg.dp and ledger_path.exists():
             row.update(ledger_figures(ledger_path, cfg))
         own = scored[site.name]
-        metrics = classification_metrics(site.labels["test"].numpy(), own.probs, own.decisions)
-        row["test"] = {k: metrics[k] for k in TEST_METRICS if k in metrics}
+        row["test"] = _metrics(site.labels["test"], own)
         row["operating_point"] = own.point.to_dict()
         row["train_size"] = len(site.labels["train"])
         row["test_size"] = len(site.labels["test"])
@@ -175,6 +175,43 @@ def _final_model_for(cfg: FederationConfig, sites: tuple[SiteData, ...]) -> Site
     return model_for
 
 
+def _metrics(labels: torch.Tensor, scored: CalibratedPredictions) -> dict[str, float]:
+    metrics = classification_metrics(labels.numpy(), scored.probs, scored.decisions)
+    return {k: metrics[k] for k in TEST_METRICS if k in metrics}
+
+
+def add_own_models(results: dict[str, Any], cfg: FederationConfig,
+                   sites: tuple[SiteData, ...], policy: SitePolicy) -> None:
+    """Add to ``results`` what each site found comparing the final federated model with
+    its own model (:mod:`client.own_model`; kept from the run's evaluation, or trained
+    now): per site, the choice on its validation split and the test metrics of the
+    model it decides with and of its own model alone; and the pooled test of the
+    sites' decisions. Nothing is added where the policy keeps no own model."""
+    if not policy.own_model_epochs:
+        return
+    final = load_arrays(Path(cfg.state_dir) / FINAL_ARRAYS_FILE)
+    run_key = json.loads((Path(cfg.state_dir) / HISTORY_FILE).read_text())["run_key"]
+    decided: dict[str, CalibratedPredictions] = {}
+    rows = {row["name"]: row for row in results["sites"]}
+    for index, data in enumerate(sites):
+        runtime = resolve_site(cfg, {"partition-id": index}, run_key, lambda _: sites, policy)
+        decider, choice = decision_model(runtime, site_model(runtime, final))
+        if choice is None:
+            continue
+        val, val_labels, test = data.images["val"], data.labels["val"], data.images["test"]
+        decided[data.name] = calibrated_predictions(decider, val, val_labels, test,
+                                                    runtime.device, policy.target_sensitivity)
+        alone = calibrated_predictions(own_model(runtime), val, val_labels, test,
+                                       runtime.device, policy.target_sensitivity)
+        rows[data.name]["own_model"] = {
+            **choice.to_dict(), "epochs": policy.own_model_epochs,
+            "test": _metrics(data.labels["test"], decided[data.name]),
+            "test_alone": _metrics(data.labels["test"], alone),
+        }
+    if len(decided) == len(sites):
+        results["pooled_test_as_decided"] = pooled_test(sites, decided)
+
+
 def collect_results(cfg: FederationConfig, history: dict[str, Any],
                     sites: tuple[SiteData, ...], model_for: SiteModel) -> dict[str, Any]:
     """A run's results: settings, per-site figures, pooled test metrics and history."""
@@ -217,6 +254,7 @@ def simulate(cfg: FederationConfig, out_dir: Path | None = None,
     """
     cfg = scenario_config(cfg)
     simulated = simulated or simulated_sites(cfg)
+    policy = policy or simulated_policy(cfg)
     from flwr.simulation import run_simulation
 
     with warnings.catch_warnings():
@@ -224,7 +262,7 @@ def simulate(cfg: FederationConfig, out_dir: Path | None = None,
         run_simulation(
             server_app=make_server_app(cfg, on_round),
             client_app=make_client_app(cfg, lambda _: simulated.sites,
-                                       policy or simulated_policy(cfg)),
+                                       policy),
             num_supernodes=cfg.num_sites,
             backend_config=backend_config(cfg),
         )
@@ -236,6 +274,7 @@ def simulate(cfg: FederationConfig, out_dir: Path | None = None,
     history = json.loads(history_path.read_text())
     results = collect_results(cfg, history, simulated.sites,
                               _final_model_for(cfg, simulated.sites))
+    add_own_models(results, cfg, simulated.sites, policy)
     shift_path = Path(cfg.state_dir) / SHIFT_FILE
     if shift_path.exists():
         shift = json.loads(shift_path.read_text())
