@@ -176,7 +176,8 @@ def load_federation(cfg: FederationConfig) -> tuple[SiteData, ...]:
             f"prevalences lists {len(cfg.prevalences)} values for {cfg.num_sites} simulated "
             "sites; give one per site"
         )
-    splits = load_image_dataset(cfg.dataset, cfg.data_dir or None, cfg.seed)
+    splits = load_image_dataset(cfg.dataset, cfg.data_dir or None, cfg.seed,
+                                cfg.image_size)
     _check_matches_config(cfg, splits)
     rng = np.random.default_rng(cfg.seed)
     per_split = _partition(cfg, splits, rng)

@@ -118,6 +118,10 @@ class FederationConfig:
     round_timeout : float (default: 3600.0)
         Seconds the server waits for the sites' replies in each phase of a round;
         sites that have not answered by then are logged as missing.
+    connect_timeout : float (default: 120.0)
+        Seconds the server waits, before each phase of a round, for
+        ``min_sites`` (or ``num_sites``) nodes to be connected; fewer after that and
+        the run stops with a message saying what to change.
     max_update_norm : float (default: 50.0)
         Training replies whose parameters moved further than this (L2 norm) from
         the global ones are rejected, as are replies with non-finite values or the
@@ -209,6 +213,7 @@ class FederationConfig:
     server_lr: float = 0.01
     min_sites: int = 0
     round_timeout: float = 3600.0
+    connect_timeout: float = 120.0
     max_update_norm: float = 50.0
     seed: int = 0
     state_dir: str = "fedshift-state"
@@ -273,6 +278,9 @@ class FederationConfig:
              f"histogram-noise must be a finite number > 0, got {self.histogram_noise}"),
             (self.round_timeout > 0,
              f"round-timeout must be > 0 seconds, got {self.round_timeout}"),
+            (self.connect_timeout > 0 and math.isfinite(self.connect_timeout),
+             f"connect-timeout must be a finite number of seconds > 0 (how long the server "
+             f"waits for num-sites, or min-sites, nodes to connect), got {self.connect_timeout}"),
             (self.max_update_norm >= 0,
              f"max-update-norm must be >= 0 (0 turns the bound off), got {self.max_update_norm}"),
             (0 <= self.min_sites <= self.num_sites,

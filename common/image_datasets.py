@@ -24,8 +24,10 @@ a folder
     channels, else grey, ``(N, H, W)``; grey images of a colour set get the grey
     value in all three channels. All images are held in memory while they are read.
 any other name
-    A MedMNIST flag (``pneumoniamnist``, ``bloodmnist``, ...): ``<flag>.npz`` is looked
-    up (and downloaded when missing) by :func:`common.medmnist_files.find_medmnist_file`.
+    A MedMNIST flag (``pneumoniamnist``, ``bloodmnist``, ...): ``<flag>_<size>.npz`` at a
+    size MedMNIST+ publishes (64, 128, 224), else ``<flag>.npz`` (28 px), is looked up
+    (downloaded when missing; PneumoniaMNIST's 28 px file ships with the package) by
+    :func:`common.medmnist_files.find_medmnist_file`.
 
 A name counts as a path when it ends in ``.npz``, contains a path separator, starts
 with ``~`` or ``.``, or names an existing folder and is not a MedMNIST flag.
@@ -46,12 +48,15 @@ from PIL import Image
 from common.image_files import UnreadableImage, match_channels, read_picture
 from common.image_folder import list_labelled_files
 from common.medmnist_files import (
+    BASE_SIDE,
     DATA_DIR_ENV,
     SPLITS,
     DataFileError,
     ImageSplits,
     find_medmnist_file,
+    is_shipped,
     load_medmnist,
+    native_file_advice,
 )
 
 logger = logging.getLogger(__name__)
@@ -354,7 +359,8 @@ def _is_path(name: str, flags: set[str]) -> bool:
     return name not in flags and Path(name).is_dir()
 
 
-def load_image_dataset(name: str, data_dir: str | None = None, seed: int = 0) -> ImageSplits:
+def load_image_dataset(name: str, data_dir: str | None = None, seed: int = 0,
+                       image_size: int = BASE_SIDE) -> ImageSplits:
     """Load the labelled train/val/test images of the data set ``name``.
 
     Parameters
@@ -369,6 +375,9 @@ def load_image_dataset(name: str, data_dir: str | None = None, seed: int = 0) ->
     seed : int (default: 0)
         Seed of the validation split of Fashion-MNIST and of the 80/10/10 split of a
         folder without split folders; MedMNIST files keep their own splits.
+    image_size : int (default: 28)
+        Side the images will be resized to; a MedMNIST flag reads its native file at
+        a size MedMNIST+ publishes.
 
     Returns
     -------
@@ -402,7 +411,7 @@ def load_image_dataset(name: str, data_dir: str | None = None, seed: int = 0) ->
             "MedMNIST-layout .npz file"
         )
     try:
-        path = find_medmnist_file(name, data_dir)
+        path = find_medmnist_file(name, data_dir, image_size=image_size)
     except DataFileError as exc:
         if name in flags:
             raise
@@ -412,6 +421,25 @@ def load_image_dataset(name: str, data_dir: str | None = None, seed: int = 0) ->
             "<dir>/train|val|test/<class>/<images>)"
         ) from exc
     return load_medmnist(path)
+
+
+def describe_source(splits: ImageSplits, name: str, image_size: int,
+                    data_dir: str | None = None) -> str:
+    """One line for people about the data set ``name`` as loaded in ``splits``: the file
+    or folder read, whether it is the shipped copy, its image size, how it is resized,
+    and where a native-resolution MedMNIST file would go."""
+    height, width = splits.images["train"].shape[1:3]
+    notes = ["shipped copy"] if is_shipped(splits.source) else []
+    notes.append(f"{height} px" if height == width else f"{height}x{width} px")
+    if (height, width) != (image_size, image_size):
+        resized = "upsampled" if max(height, width) < image_size else "resized"
+        notes.append(f"{resized} to {image_size} px")
+    line = f"{splits.source} ({', '.join(notes)})"
+    if name in _medmnist_flags():
+        advice = native_file_advice(name, height, image_size, data_dir)
+        if advice is not None:
+            line += f"; {advice}"
+    return line
 
 
 def dataset_channels(splits: ImageSplits) -> int:

@@ -36,6 +36,7 @@ from server.run_records import (
     write_json,
 )
 from server.shift_monitor import ShiftMonitor
+from server.site_connection import wait_for_sites
 from server.strategy import FedShiftStrategy, RoundCallback
 
 logger = logging.getLogger(__name__)
@@ -70,13 +71,18 @@ def _phase(grid: Grid, strategy: FedShiftStrategy, phase: str, server_round: int
 def _round(grid: Grid, cfg: FederationConfig, strategy: FedShiftStrategy, server_round: int,
            arrays: ArrayRecord, run_key: str) -> ArrayRecord:
     """One round: train at the sites, aggregate what passes the checks, and in the
-    last ``cfg.evaluations`` rounds evaluate (:meth:`FederationConfig.evaluates`)."""
+    last ``cfg.evaluations`` rounds evaluate (:meth:`FederationConfig.evaluates`).
+
+    Each phase first waits, at most ``cfg.connect_timeout`` seconds, for enough sites
+    (:func:`server.site_connection.wait_for_sites`); Flower's own wait has no bound."""
     request = Request(server_round=server_round, run_key=run_key)
+    wait_for_sites(grid, cfg)
     replies = _phase(grid, strategy, "train", server_round, strategy.configure_train(
         server_round, arrays, request.to_config(), grid), cfg.round_timeout)
     aggregated, _ = strategy.aggregate_train(server_round, replies)
     arrays = aggregated if aggregated is not None else arrays
     if cfg.evaluates(server_round):
+        wait_for_sites(grid, cfg)
         replies = _phase(grid, strategy, "evaluate", server_round, strategy.configure_evaluate(
             server_round, arrays, request.to_config(), grid), cfg.round_timeout)
         strategy.aggregate_evaluate(server_round, replies)

@@ -26,8 +26,9 @@ from common.atomic_files import atomic_write
 
 CHECKPOINT_FILE = "checkpoint.npz"
 CHECKPOINT_VERSION = 1
-UNFINGERPRINTED_KEYS = ("state-dir",)
-"""Settings that may change between a crash and the resume (where the state lives)."""
+UNFINGERPRINTED_KEYS = ("state-dir", "connect-timeout")
+"""Settings that may change between a crash and the resume (where the state lives, how
+long the server waits for sites to connect)."""
 
 
 class CheckpointError(RuntimeError):

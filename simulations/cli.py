@@ -21,12 +21,17 @@ from common.federation_config import (
     ConfigError,
     FederationConfig,
 )
-from common.image_datasets import dataset_channels, load_image_dataset
-from common.medmnist_files import DataFileError
+from common.image_datasets import (
+    dataset_channels,
+    describe_source,
+    load_image_dataset,
+)
+from common.medmnist_files import DataFileError, ImageSplits
 from common.transfer_mode import MODES_HELP
 from server.credentials_cli import add_credentials_parser, run_credentials
 from server.dev_credentials import CredentialsExistError
 from simulations.report_command import add_report_parser, run_report
+from simulations.scenario import load_scenario
 from simulations.study_command import add_study_parser, run_study_command
 
 DEFAULTS = FederationConfig()
@@ -46,7 +51,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                         "its classes and channels set --num-classes and --in-channels")
     p.add_argument("--data-dir", default="",
                    help="directory holding the data file (else $FEDSHIFT_DATA_DIR, ~/.medmnist, "
-                        "then download)")
+                        "then download, then the shipped 28 px PneumoniaMNIST)")
     p.add_argument("--out", type=Path, default=None,
                    help="write results.json and the run's state (history, final parameters, "
                         "ledgers) here")
@@ -117,7 +122,14 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verbose", action="store_true", help="show Flower's log")
 
 
-def _config(args: argparse.Namespace, state_dir: Path) -> FederationConfig:
+def _dataset(cfg: FederationConfig) -> str:
+    """The data set the run reads: its scenario's, if it has one."""
+    return load_scenario(cfg.scenario).dataset if cfg.scenario else cfg.dataset
+
+
+def _config(args: argparse.Namespace, state_dir: Path
+            ) -> tuple[FederationConfig, ImageSplits]:
+    """The run's settings and the data set it reads (the scenario's, if one is given)."""
     try:
         prevalences = tuple(float(v) for v in args.prevalences.split(",") if v.strip())
     except ValueError:
@@ -143,8 +155,9 @@ def _config(args: argparse.Namespace, state_dir: Path) -> FederationConfig:
         scenario=str(Path(args.scenario).resolve()) if args.scenario else "",
     )
     # Settings are checked first; then the data set says its classes and channels.
-    splits = load_image_dataset(args.dataset, args.data_dir or None, args.seed)
-    return cfg.replace(num_classes=splits.num_classes, in_channels=dataset_channels(splits))
+    splits = load_image_dataset(_dataset(cfg), cfg.data_dir or None, cfg.seed, cfg.image_size)
+    return (cfg.replace(num_classes=splits.num_classes, in_channels=dataset_channels(splits)),
+            splits)
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -217,7 +230,9 @@ def _simulate(args: argparse.Namespace) -> int:
             shutil.rmtree(state_dir)
     else:
         state_dir = Path(tempfile.mkdtemp(prefix="fedshift-"))
-    cfg = _config(args, state_dir)
+    cfg, splits = _config(args, state_dir)
+    print(f"data: {describe_source(splits, _dataset(cfg), cfg.image_size, cfg.data_dir or None)}",
+          flush=True)
     if not args.verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

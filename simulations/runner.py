@@ -89,7 +89,8 @@ def simulated_sites(cfg: FederationConfig) -> SimulatedSites:
     if not cfg.scenario:
         return SimulatedSites(load_federation(cfg))
     scenario = load_scenario(cfg.scenario)
-    splits = load_image_dataset(scenario.dataset, cfg.data_dir or None, cfg.seed)
+    splits = load_image_dataset(scenario.dataset, cfg.data_dir or None, cfg.seed,
+                                cfg.image_size)
     sites, truths = build_sites(scenario, splits, cfg.image_size)
     return SimulatedSites(sites, truths)
 

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import os
+import urllib.error
 from pathlib import Path
 
 import pytest
 
+from common import medmnist_files
 from tests.site_files import write_medmnist_slice
 
 SHARED_NPZ = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pneumoniamnist.npz"
+
+
+@pytest.fixture(autouse=True)
+def no_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing downloads in tests: every MedMNIST download fails as it does offline."""
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("tests do not download")
+
+    monkeypatch.setattr(medmnist_files.urllib.request, "urlopen", offline)
 
 
 @pytest.fixture(scope="session")

@@ -72,3 +72,19 @@ class TrainingGrid:
                                         site=name).to_content()
             replies.append(Message(content, reply_to=msg))
         return replies
+
+
+class LateGrid(TrainingGrid):
+    """:class:`TrainingGrid` whose two sites connect only after ``absent_polls`` calls
+    to ``get_node_ids`` (or never: None)."""
+
+    def __init__(self, absent_polls: int | None, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.absent_polls = absent_polls
+        self.polls = 0
+
+    def get_node_ids(self) -> list[int]:
+        self.polls += 1
+        if self.absent_polls is None or self.polls <= self.absent_polls:
+            return []
+        return super().get_node_ids()

@@ -101,9 +101,11 @@ def test_a_checkpoint_whose_metadata_lacks_a_field_is_refused(tmp_path: Path) ->
         load_checkpoint(path, "abc")
 
 
-def test_fingerprint_ignores_where_the_state_lives_only() -> None:
+def test_fingerprint_ignores_where_the_state_lives_and_the_connect_wait_only() -> None:
     a = FederationConfig(state_dir="/a").to_flower()
     assert config_fingerprint(a) == config_fingerprint(FederationConfig(state_dir="/b").to_flower())
+    assert config_fingerprint(a) == config_fingerprint(
+        FederationConfig(state_dir="/a", connect_timeout=900.0).to_flower())
     assert config_fingerprint(a) != config_fingerprint(
         FederationConfig(state_dir="/a", lr=0.4).to_flower())
 

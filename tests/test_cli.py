@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
-import urllib.error
 from pathlib import Path
 
 import pytest
 
 from common import medmnist_files
 from simulations.cli import main
+
+
+class _Captured(Exception):
+    """Raised by a stand-in for the simulation, carrying what it was called with."""
 
 
 def test_unknown_backbone(capsys: pytest.CaptureFixture[str]) -> None:
@@ -35,16 +38,34 @@ def test_adapted_norm_settings_reach_the_run_config_and_its_checks(
 def test_missing_data_file_names_file_and_place(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def offline(*args: object, **kwargs: object) -> None:
-        raise urllib.error.URLError("network unreachable")
-
-    monkeypatch.setattr(medmnist_files.urllib.request, "urlopen", offline)
+    """Offline (downloads fail in tests), a data set the package does not ship."""
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("FEDSHIFT_DATA_DIR", raising=False)
-    assert main(["simulate", "--out", str(tmp_path / "out")]) == 2
+    assert main(["simulate", "--dataset", "bloodmnist", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "pneumoniamnist.npz not found" in err
-    assert str(tmp_path / ".medmnist" / "pneumoniamnist.npz") in err
+    assert "bloodmnist.npz not found" in err
+    assert str(tmp_path / ".medmnist" / "bloodmnist.npz") in err
+
+
+def test_the_default_runs_offline_on_the_shipped_copy_and_says_so_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No data file anywhere, no network: the run reads the shipped file and its first
+    line says which file, at which size, and where the native one would go."""
+    def capture(cfg, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise _Captured(cfg)
+
+    monkeypatch.setattr("simulations.runner.simulate", capture)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("FEDSHIFT_DATA_DIR", raising=False)
+    with pytest.raises(_Captured) as captured:
+        main(["simulate", "--out", str(tmp_path / "out")])
+    assert captured.value.args[0].num_classes == 2
+    first_line = capsys.readouterr().out.splitlines()[0]
+    shipped = medmnist_files.SHIPPED_DIR / "pneumoniamnist.npz"
+    assert first_line == (
+        f"data: {shipped} (shipped copy, 28 px, upsampled to 64 px); place "
+        f"pneumoniamnist_64.npz in {tmp_path / '.medmnist'} for native resolution")
 
 
 def test_prevalences_must_be_numbers(capsys: pytest.CaptureFixture[str]) -> None:
@@ -86,10 +107,6 @@ def test_a_ten_class_data_set_runs_with_label_skew_and_fedbn(
     assert 0 < results["pooled_test"]["auroc"] <= 1
     assert len(list((out / "state" / "ledgers" / "personal").glob("site-*.npz"))) == 2
     assert "site-0" in capsys.readouterr().out
-
-
-class _Captured(Exception):
-    pass
 
 
 @pytest.mark.parametrize(("flags", "expected"), [

@@ -1,7 +1,13 @@
-"""Finding, loading and partitioning the data, with clear errors for bad input."""
+"""Finding, loading and partitioning the data, with clear errors for bad input.
+
+Every download fails in tests (``tests/conftest.py``), as it does offline.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import tomllib
 import urllib.error
 from pathlib import Path
 
@@ -9,44 +15,189 @@ import numpy as np
 import pytest
 
 from common import medmnist_files
+from common.image_datasets import describe_source, load_image_dataset
 from common.image_tensors import to_model_input
-from common.medmnist_files import DataFileError, find_medmnist_file, load_medmnist
+from common.medmnist_files import (
+    SHIPPED_DIR,
+    DataFileError,
+    find_medmnist_file,
+    load_medmnist,
+)
 from common.site_partition import binary_class_probs, partition_by_class_probs
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = SHIPPED_DIR / "pneumoniamnist.npz"
 
 
 @pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    def offline(*args: object, **kwargs: object) -> None:
-        raise urllib.error.URLError("network unreachable")
-
-    monkeypatch.setattr(medmnist_files.urllib.request, "urlopen", offline)
-
-
-def test_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    explicit, env, home = tmp_path / "explicit", tmp_path / "env", tmp_path / "home"
-    for d in (explicit, env, home / ".medmnist"):
+def places(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """The search directories in order (explicit, environment, MedMNIST's), all empty."""
+    dirs = {"explicit": tmp_path / "explicit", "env": tmp_path / "env",
+            "home": tmp_path / "home" / ".medmnist"}
+    for d in dirs.values():
         d.mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FEDSHIFT_DATA_DIR", str(dirs["env"]))
+    return dirs
+
+
+def write_medmnist(path: Path, side: int, per_split: int = 6) -> Path:
+    """A small MedMNIST-layout file of grey ``side`` x ``side`` images, two classes."""
+    rng = np.random.default_rng(side)
+    arrays = {}
+    for split in ("train", "val", "test"):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (per_split, side, side), np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(per_split) % 2).astype(np.uint8)[:, None]
+    np.savez(path, **arrays)
+    return path
+
+
+def test_lookup_order_then_the_shipped_copy(places: dict[str, Path],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    for d in places.values():
         (d / "pneumoniamnist.npz").write_bytes(b"x")
-    monkeypatch.setenv("HOME", str(home))
-    monkeypatch.setenv("FEDSHIFT_DATA_DIR", str(env))
+    explicit, env, home = places["explicit"], places["env"], places["home"]
     assert find_medmnist_file("pneumoniamnist", explicit) == explicit / "pneumoniamnist.npz"
     assert find_medmnist_file("pneumoniamnist") == env / "pneumoniamnist.npz"
     monkeypatch.delenv("FEDSHIFT_DATA_DIR")
-    assert find_medmnist_file("pneumoniamnist") == home / ".medmnist" / "pneumoniamnist.npz"
+    assert find_medmnist_file("pneumoniamnist") == home / "pneumoniamnist.npz"
+    (home / "pneumoniamnist.npz").unlink()
+    assert find_medmnist_file("pneumoniamnist") == SHIPPED
+    assert find_medmnist_file("pneumoniamnist", download=False) == SHIPPED
+
+
+def test_the_native_file_comes_first_wherever_it_is(places: dict[str, Path]) -> None:
+    (places["explicit"] / "pneumoniamnist.npz").write_bytes(b"x")
+    (places["home"] / "pneumoniamnist_64.npz").write_bytes(b"x")
+    (places["env"] / "pneumoniamnist_128.npz").write_bytes(b"x")
+    explicit = places["explicit"]
+    assert find_medmnist_file("pneumoniamnist", explicit, image_size=64) == \
+        places["home"] / "pneumoniamnist_64.npz"
+    assert find_medmnist_file("pneumoniamnist", explicit, image_size=128) == \
+        places["env"] / "pneumoniamnist_128.npz"
+    # MedMNIST+ publishes no 32 or 224 px file here: the 28 px one is read.
+    for size in (32, 224):
+        assert find_medmnist_file("pneumoniamnist", explicit, image_size=size) == \
+            explicit / "pneumoniamnist.npz"
+
+
+def test_a_native_download_comes_before_a_28px_file_and_lands_in_the_first_place(
+        places: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    fetched: list[tuple[str, Path]] = []
+
+    def serve(url: str, md5: str | None, target: Path) -> None:
+        fetched.append((url, target))
+        target.write_bytes(b"x")
+
+    monkeypatch.setattr(medmnist_files, "_download", serve)
+    (places["home"] / "pneumoniamnist.npz").write_bytes(b"x")
+    found = find_medmnist_file("pneumoniamnist", places["explicit"], image_size=64)
+    assert found == places["explicit"] / "pneumoniamnist_64.npz" and found.is_file()
+    assert [url.split("?")[0].rsplit("/", 1)[1] for url, _ in fetched] == \
+        ["pneumoniamnist_64.npz"]
+
+
+def test_offline_the_28px_file_is_upsampled_and_the_log_says_where_the_native_one_goes(
+        places: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    path = write_medmnist(places["env"] / "pneumoniamnist.npz", side=28)
+    with caplog.at_level(logging.INFO, logger="common.medmnist_files"):
+        splits = load_image_dataset("pneumoniamnist", str(places["explicit"]), image_size=64)
+    assert splits.source == path
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("pneumoniamnist_64.npz not found" in m and "tests do not download" in m
+               for m in messages)
+    advice = f"place pneumoniamnist_64.npz in {places['explicit']} for native resolution"
+    assert f"using 28 px pneumoniamnist.npz upsampled to 64 px; {advice}" in messages
+    assert describe_source(splits, "pneumoniamnist", 64, str(places["explicit"])) == \
+        f"{path} (28 px, upsampled to 64 px); {advice}"
+
+
+def test_a_native_file_is_read_as_it_is(places: dict[str, Path]) -> None:
+    path = write_medmnist(places["home"] / "pneumoniamnist_64.npz", side=64)
+    write_medmnist(places["env"] / "pneumoniamnist.npz", side=28)
+    splits = load_image_dataset("pneumoniamnist", image_size=64)
+    assert splits.source == path and splits.images["train"].shape[1:] == (64, 64)
+    assert describe_source(splits, "pneumoniamnist", 64) == f"{path} (64 px)"
+
+
+def test_with_nothing_anywhere_and_no_network_the_shipped_copy_is_read(
+        places: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FEDSHIFT_DATA_DIR")
+    splits = load_image_dataset("pneumoniamnist", image_size=64)
+    assert splits.source == SHIPPED
+    assert {k: len(v) for k, v in splits.labels.items()} == {"train": 4708, "val": 524,
+                                                             "test": 624}
+    assert int(splits.labels["train"].sum()) == 3494
+    assert describe_source(splits, "pneumoniamnist", 64) == (
+        f"{SHIPPED} (shipped copy, 28 px, upsampled to 64 px); place pneumoniamnist_64.npz "
+        f"in {places['home']} for native resolution")
+    assert list(places["home"].iterdir()) == []  # the failed downloads left nothing
+
+
+def test_the_shipped_copy_is_the_real_file_and_is_packaged(pneumonia_npz: Path) -> None:
+    assert SHIPPED.read_bytes() == pneumonia_npz.read_bytes()
+    package_data = tomllib.loads((REPO / "pyproject.toml").read_text())[
+        "tool"]["setuptools"]["package-data"]["common"]
+    assert "data_files/pneumoniamnist.npz" in package_data
+    assert all((REPO / "common" / name).is_file() for name in package_data)
+    licence = (SHIPPED_DIR / "README.md").read_text()
+    assert "CC BY 4.0" in licence and "Scientific Data" in licence and "Kermany" in licence
+
+
+def test_code_without_data_files_finds_the_installed_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``flwr run`` imports the app's copy of the code, which carries no ``.npz``."""
+    checkout = tmp_path / "checkout"
+    data_files = checkout / "common" / "data_files"
+    data_files.mkdir(parents=True)
+    write_medmnist(data_files / "pneumoniamnist.npz", side=28)
+
+    class EditableInstall:
+        def locate_file(self, path: str) -> Path:
+            return tmp_path / "site-packages" / path
+
+        def read_text(self, name: str) -> str | None:
+            url = checkout.as_uri()
+            return json.dumps({"dir_info": {"editable": True}, "url": url}) \
+                if name == "direct_url.json" else None
+
+    monkeypatch.setattr(medmnist_files, "SHIPPED_DIR", tmp_path / "app" / "data_files")
+    monkeypatch.setattr(medmnist_files.metadata, "distribution", lambda name: EditableInstall())
+    assert medmnist_files.shipped_file("pneumoniamnist") == data_files / "pneumoniamnist.npz"
+    assert medmnist_files.shipped_file("bloodmnist") is None
 
 
 def test_missing_file_offline_names_the_file_and_where_to_put_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: None
+    places: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("FEDSHIFT_DATA_DIR", raising=False)
+    monkeypatch.delenv("FEDSHIFT_DATA_DIR")
+    urls: list[str] = []
+
+    def offline(url: str, timeout: float) -> None:
+        urls.append(url)
+        raise urllib.error.URLError("network unreachable")
+
+    monkeypatch.setattr(medmnist_files.urllib.request, "urlopen", offline)
     with pytest.raises(DataFileError) as err:
-        find_medmnist_file("pneumoniamnist")
+        find_medmnist_file("bloodmnist", image_size=64)
     message = str(err.value)
-    assert "pneumoniamnist.npz not found" in message
-    assert str(tmp_path / ".medmnist" / "pneumoniamnist.npz") in message
+    assert "bloodmnist.npz not found" in message
+    assert str(places["home"] / "bloodmnist.npz") in message
     assert "FEDSHIFT_DATA_DIR" in message
-    assert not (tmp_path / ".medmnist" / "pneumoniamnist.npz").exists()
+    assert list(places["home"].iterdir()) == []
+    # The network is down: after the native file's download no other is tried.
+    assert [u.split("?")[0].rsplit("/", 1)[1] for u in urls] == ["bloodmnist_64.npz"]
+
+
+def test_a_bad_native_download_does_not_stop_the_28px_one(
+        places: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    def serve(url: str, md5: str | None, target: Path) -> None:
+        if "_64" in url:
+            raise DataFileError(f"download of {url} has the wrong checksum; try again")
+        target.write_bytes(b"x")
+
+    monkeypatch.setattr(medmnist_files, "_download", serve)
+    assert find_medmnist_file("bloodmnist", image_size=64) == places["env"] / "bloodmnist.npz"
 
 
 def test_real_file_loads_with_expected_splits(pneumonia_npz: Path) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tomllib
+from pathlib import Path
+
 import pytest
 
 from common.backbones import BackboneError
@@ -70,3 +73,17 @@ def test_adapted_norms_keep_the_shift_summaries_and_round_trip() -> None:
     assert FederationConfig.from_flower(cfg.to_flower()) == cfg
     assert FederationConfig.from_flower({"adapt-norm-layers": "2"}).adapt_norm_layers == 2
     assert FederationConfig().adapt_norm_layers == 0
+
+
+@pytest.mark.parametrize("seconds", [0.0, -1.0, float("inf"), float("nan")])
+def test_connect_timeout_must_be_a_finite_positive_wait(seconds: float) -> None:
+    with pytest.raises(ConfigError, match=r"connect-timeout must be a finite number of "
+                                          r"seconds > 0 \(how long the server waits"):
+        FederationConfig(connect_timeout=seconds)
+
+
+def test_connect_timeout_round_trips_and_is_in_the_app_config() -> None:
+    assert FederationConfig.from_flower({"connect-timeout": "30"}).connect_timeout == 30.0
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    app_config = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+    assert app_config["connect-timeout"] == FederationConfig().connect_timeout == 120.0
