@@ -32,6 +32,7 @@ from common.federation_config import FederationConfig
 from common.image_datasets import load_image_dataset
 from common.model_surgery import FedShiftModel
 from common.prediction import CalibratedPredictions, calibrated_predictions
+from common.privacy_accounting import GaussianRelease, certify
 from server.app import make_server_app
 from server.run_records import (
     FINAL_ARRAYS_FILE,
@@ -135,13 +136,30 @@ def _site_results(cfg: FederationConfig, sites: tuple[SiteData, ...],
     return rows
 
 
+def epsilon_by_release(ledger: PrivacyLedger) -> list[dict[str, Any]]:
+    """Each kind of DP release in ``ledger`` (mechanism and part read), with how many
+    there were and the epsilon they certify alone, in the order first made."""
+    kinds: dict[tuple[str, str], list[GaussianRelease]] = {}
+    for entry in ledger.entries():
+        if entry.kind == "gaussian":
+            kinds.setdefault((entry.mechanism, entry.part), []).append(entry.release)
+    return [{"mechanism": mechanism, "part": part, "count": len(releases),
+             "epsilon": certify(releases, ledger.delta).epsilon}
+            for (mechanism, part), releases in kinds.items()]
+
+
 def ledger_figures(ledger_path: Path, cfg: FederationConfig) -> dict[str, Any]:
-    """A ledger's privacy spent and its DP-SGD parameters, as results report them."""
+    """A ledger's privacy spent, by part and by kind of release, and its DP-SGD
+    parameters, as results report them."""
     ledger = PrivacyLedger(ledger_path, cfg.epsilon, cfg.delta)
     sgd = [e for e in ledger.entries() if e.kind == "gaussian" and e.mechanism == "dp-sgd"]
+    spent = ledger.certificate()
     return {
-        "epsilon_spent": ledger.epsilon_spent(), "delta": ledger.delta,
+        "epsilon_spent": spent.epsilon, "delta": ledger.delta,
+        "accountant": spent.accountant, "epsilon_prv": spent.prv_epsilon,
+        "epsilon_rdp": spent.rdp_epsilon,
         "epsilon_by_part": {p: ledger.epsilon_spent(p) for p in PARTS},
+        "epsilon_by_release": epsilon_by_release(ledger),
         "composition": ledger.composition,
         "noise_multiplier": sgd[-1].noise_multiplier if sgd else None,
         "sample_rate": sgd[-1].sample_rate if sgd else None,

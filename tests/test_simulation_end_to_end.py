@@ -55,7 +55,12 @@ def test_two_round_dp_federation(small_pneumonia_dir: Path, tmp_path: Path) -> N
             site["delta"])
         slack = 2 * PRV_EPS_ERROR if accountant == "prv" else 1e-3 * expected
         assert site["composition"] == "sequential"
+        assert site["accountant"] == accountant
         assert abs(site["epsilon_spent"] - expected) <= slack
+        by_release = {(r["mechanism"], r["part"]): r for r in site["epsilon_by_release"]}
+        assert by_release[("moments", "train")]["count"] == 2
+        assert by_release[("evaluation", "test")]["count"] == 1
+        assert all(0 < r["epsilon"] <= site["epsilon_spent"] for r in by_release.values())
         assert 0.9 <= site["epsilon_spent"] <= 1.0 and expected <= 1.0
         assert set(site["test"]) >= {"accuracy", "balanced_accuracy", "auroc"}
         assert 0.0 <= site["test"]["auroc"] <= 1.0
