@@ -172,7 +172,7 @@ def print_results(results: dict[str, Any]) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from server.run_report import REPORT_FILE
+    from server.run_report import HTML_FILE, REPORT_FILE
     from simulations.runner import RESULTS_FILE, progress_callback, simulate
 
     if args.out is not None:
@@ -199,8 +199,7 @@ def _simulate(args: argparse.Namespace) -> int:
     print_results(results)
     if args.out is not None:
         print(f"\nresults: {args.out / RESULTS_FILE}")
-        if "shift" in results:
-            print(f"report: {args.out / REPORT_FILE}")
+        print(f"report: {args.out / REPORT_FILE} and {args.out / HTML_FILE}")
     return 0
 
 

@@ -262,8 +262,7 @@ def simulate(cfg: FederationConfig, out_dir: Path | None = None,
         results["shift"] = shift
     if out_dir is not None:
         write_json(Path(out_dir) / RESULTS_FILE, results)
-        if "shift" in results:
-            write_report(results, Path(out_dir))
+        write_report(results, Path(out_dir))
     return results
 
 

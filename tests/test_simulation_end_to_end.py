@@ -68,6 +68,8 @@ def test_two_round_dp_federation(small_pneumonia_dir: Path, tmp_path: Path) -> N
     assert set(written["pooled_test"]) >= {"accuracy", "balanced_accuracy", "auroc"}
     assert written["pooled_test"]["auroc"] > 0.6
     assert written["bytes_per_round_per_site"] < 0.02 * written["full_model_bytes"]
+    assert "## Test performance" in (tmp_path / "report.md").read_text()
+    assert 'id="test-performance"' in (tmp_path / "report.html").read_text()
 
     initial = trainable_arrays(build_model(cfg.model_spec()))
     final = load_arrays(Path(cfg.state_dir) / FINAL_ARRAYS_FILE)
