@@ -26,6 +26,7 @@ from server.credentials_cli import add_credentials_parser, run_credentials
 from server.dev_credentials import CredentialsExistError
 from simulations.report_command import add_report_parser, run_report
 from simulations.study_command import add_study_parser, run_study_command
+from simulations.trackers import require_tensorboard, write_tensorboard
 
 DEFAULTS = FederationConfig()
 
@@ -49,6 +50,11 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                    help="write results.json and the run's state (history, final parameters, "
                         "ledgers) here")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    p.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
+                   help="also write the run's per-round and per-site metrics, privacy spent "
+                        "and shift scores as TensorBoard event files under DIR (needs "
+                        "pip install 'fedshift[trackers]'); view them with "
+                        "tensorboard --logdir DIR")
     p.add_argument("--scenario", default="",
                    help="scenario file (TOML) with ground-truth label, covariate and concept "
                         "shifts per site; its sites and [federation] settings replace "
@@ -175,6 +181,8 @@ def _simulate(args: argparse.Namespace) -> int:
     from server.run_report import HTML_FILE, REPORT_FILE
     from simulations.runner import RESULTS_FILE, progress_callback, simulate
 
+    if args.tensorboard is not None:
+        require_tensorboard()  # said before the run, not after it
     if args.out is not None:
         state_dir = args.out / "state"
         if state_dir.exists():
@@ -200,6 +208,9 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.out is not None:
         print(f"\nresults: {args.out / RESULTS_FILE}")
         print(f"report: {args.out / REPORT_FILE} and {args.out / HTML_FILE}")
+    if args.tensorboard is not None:
+        write_tensorboard(results, args.tensorboard)
+        print(f"tensorboard: {args.tensorboard} (tensorboard --logdir {args.tensorboard})")
     return 0
 
 
