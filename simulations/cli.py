@@ -178,8 +178,11 @@ def print_results(results: dict[str, Any]) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from server.run_report import HTML_FILE, REPORT_FILE
-    from simulations.runner import RESULTS_FILE, progress_callback, simulate
+    from simulations.progress import RunProgress
+    from simulations.runner import RESULTS_FILE, simulate
 
     if args.tensorboard is not None:
         require_tensorboard()  # said before the run, not after it
@@ -198,11 +201,15 @@ def _simulate(args: argparse.Namespace) -> int:
     if not args.verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    on_round, close = progress_callback(cfg.num_rounds)
+    # The long local steps (preparing the sites' data, scoring their test splits) say
+    # so in log lines, written above the progress bar.
+    logging.getLogger("simulations.runner").setLevel(logging.INFO)
+    progress = RunProgress(cfg.num_rounds)
     try:
-        results = simulate(cfg, args.out, on_round)
+        with logging_redirect_tqdm():
+            results = simulate(cfg, args.out, progress.on_round, on_phase=progress.on_phase)
     finally:
-        close()
+        progress.close()
     print()
     print_results(results)
     if args.out is not None:

@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from common.model_surgery import FedShiftModel
 from common.prediction import CalibratedPredictions, calibrated_predictions
 from common.privacy_accounting import GaussianRelease, certify
 from server.app import make_server_app
+from server.phase_progress import PhaseCallback
 from server.run_records import (
     FINAL_ARRAYS_FILE,
     HISTORY_FILE,
@@ -102,9 +104,13 @@ def _scored(sites: tuple[SiteData, ...], model_for: SiteModel
     """Each site's test predictions as the site makes them: its model calibrated, and
     decided at its balanced operating point, on its own validation split."""
     device = resolve_device("auto")
-    return {site.name: calibrated_predictions(model_for(site), site.images["val"],
-                                              site.labels["val"], site.images["test"], device)
-            for site in sites}
+    logger.info("scoring each site's final model on its test split (%d sites)", len(sites))
+    start = time.perf_counter()
+    scored = {site.name: calibrated_predictions(model_for(site), site.images["val"],
+                                                site.labels["val"], site.images["test"], device)
+              for site in sites}
+    logger.info("scored the %d sites in %.1f s", len(sites), time.perf_counter() - start)
+    return scored
 
 
 def _site_results(cfg: FederationConfig, sites: tuple[SiteData, ...],
@@ -224,7 +230,8 @@ def simulated_policy(cfg: FederationConfig) -> SitePolicy:
 def simulate(cfg: FederationConfig, out_dir: Path | None = None,
              on_round: RoundCallback | None = None,
              simulated: SimulatedSites | None = None,
-             policy: SitePolicy | None = None) -> dict[str, Any]:
+             policy: SitePolicy | None = None,
+             on_phase: PhaseCallback | None = None) -> dict[str, Any]:
     """Run the federation ``cfg`` describes; return (and write to ``out_dir``) its results.
 
     ``cfg.state_dir`` receives the server's history, final parameters and the
@@ -232,15 +239,22 @@ def simulate(cfg: FederationConfig, out_dir: Path | None = None,
     there carry privacy spent over from earlier runs). ``simulated`` replaces the
     sites ``cfg`` would build (studies pass sites with injected shifts); ``policy``
     is every simulated site's release policy (None: :func:`simulated_policy`).
+    ``on_round`` and ``on_phase`` are the server's progress callbacks
+    (:func:`server.app.run_federation`).
     """
     cfg = scenario_config(cfg)
-    simulated = simulated or simulated_sites(cfg)
+    if simulated is None:
+        logger.info("preparing the data of %d sites (%s at %d px)", cfg.num_sites, cfg.dataset,
+                    cfg.image_size)
+        start = time.perf_counter()
+        simulated = simulated_sites(cfg)
+        logger.info("the sites' data is ready (%.1f s)", time.perf_counter() - start)
     from flwr.simulation import run_simulation
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
         run_simulation(
-            server_app=make_server_app(cfg, on_round),
+            server_app=make_server_app(cfg, on_round, on_phase),
             client_app=make_client_app(cfg, lambda _: simulated.sites,
                                        policy or simulated_policy(cfg)),
             num_supernodes=cfg.num_sites,
@@ -265,17 +279,3 @@ def simulate(cfg: FederationConfig, out_dir: Path | None = None,
         write_report(results, Path(out_dir))
     return results
 
-
-def progress_callback(total_rounds: int) -> tuple[RoundCallback, Callable[[], None]]:
-    """A tqdm progress bar over rounds, as a round callback and a closer."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=total_rounds, desc="rounds", unit="round")
-
-    def on_round(entry: dict[str, Any]) -> None:
-        accuracy = entry.get("evaluate", {}).get("balanced_accuracy")
-        bar.set_postfix(dp_bal_acc=f"{accuracy:.3f}" if isinstance(accuracy, float) else "n/a",
-                        refused=len(entry["refused"]))
-        bar.update(1)
-
-    return on_round, bar.close
