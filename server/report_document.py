@@ -171,11 +171,10 @@ def to_html(title: str, blocks: Sequence[Block]) -> str:
 
 @dataclass(frozen=True)
 class ReportFiles:
-    """Where a report was written: the Markdown, its plots directory and the HTML page."""
+    """Where a report was written: the Markdown (its plots beside it) and the HTML page."""
 
     markdown: Path
     html: Path
-    plots: tuple[Path, ...]
 
 
 def write_report_files(title: str, blocks: Sequence[Block], markdown: Path, page: Path,
@@ -186,9 +185,8 @@ def write_report_files(title: str, blocks: Sequence[Block], markdown: Path, page
     must lie below it.
     """
     relative = plots_dir.relative_to(markdown.parent).as_posix()
-    plots = [b for b in blocks if isinstance(b, Plot)]
-    for plot in plots:
+    for plot in (b for b in blocks if isinstance(b, Plot)):
         atomic_write_bytes(plots_dir / plot.file_name, plot.png)
     atomic_write_text(markdown, to_markdown(title, blocks, relative))
     atomic_write_text(page, to_html(title, blocks))
-    return ReportFiles(markdown, page, tuple(plots_dir / p.file_name for p in plots))
+    return ReportFiles(markdown, page)

@@ -56,7 +56,7 @@ def _finite(value: float | None) -> bool:
             and math.isfinite(value))
 
 
-def has_values(panels: Sequence[Panel]) -> bool:
+def _has_values(panels: Sequence[Panel]) -> bool:
     """Whether any series of ``panels`` holds a value to draw."""
     return any(_finite(v) for p in panels for s in p.series for v in s.values)
 
@@ -95,7 +95,7 @@ def _bars(ax: Axes, panel: Panel) -> None:
 
 def render(panels: Sequence[Panel], height: float = 3.6) -> bytes | None:
     """The panels side by side as one PNG, with one legend for all; None if nothing to draw."""
-    if not panels or not has_values(panels):
+    if not panels or not _has_values(panels):
         return None
     width = sum(max(5.0, 0.9 * len(p.x) + 2) if p.kind == "bars" else 5.0 for p in panels)
     width += 1.8  # the legend

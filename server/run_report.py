@@ -48,7 +48,6 @@ MISSING = "\N{EN DASH}"
 PLOT_KEYS = ("learning_curve", "privacy", "covariate_scores", "priors", "correction",
              "prior_errors")
 """Every plot a report may hold (file ``plots/<key>.png``, HTML id ``<key>``)."""
-PLOT_FILES = tuple(f"{key}.png" for key in PLOT_KEYS)
 TEST_COLUMNS = (("auroc", "AUROC"), ("sensitivity", "sensitivity"),
                 ("specificity", "specificity"), ("balanced_accuracy", "balanced accuracy"),
                 ("accuracy", "accuracy"))
