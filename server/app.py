@@ -8,7 +8,6 @@ model only to know the initial trainable parameters: nothing but those travels.
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,6 +27,7 @@ from server.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from server.phase_progress import PhaseCallback, PhaseReporter
 from server.run_records import (
     FINAL_ARRAYS_FILE,
     HISTORY_FILE,
@@ -58,18 +58,18 @@ def _start(cfg: FederationConfig, strategy: FedShiftStrategy, initial: ArrayReco
                       arrays=initial)
 
 
-def _phase(grid: Grid, strategy: FedShiftStrategy, phase: str, server_round: int,
-           messages: Iterable[Message], timeout: float) -> list[Message]:
+def _phase(grid: Grid, strategy: FedShiftStrategy, progress: PhaseReporter, phase: str,
+           server_round: int, messages: Iterable[Message], timeout: float) -> list[Message]:
     sent = list(messages)
-    start = time.perf_counter()
-    replies = list(grid.send_and_receive(sent, timeout=timeout))
-    strategy.record_seconds(server_round, phase, time.perf_counter() - start)
+    replies, seconds = progress.exchange(grid, sent, timeout, server_round, phase)
+    strategy.record_seconds(server_round, phase, seconds)
     strategy.record_missing(server_round, phase, sent, replies)
     return replies
 
 
-def _round(grid: Grid, cfg: FederationConfig, strategy: FedShiftStrategy, server_round: int,
-           arrays: ArrayRecord, run_key: str) -> ArrayRecord:
+def _round(grid: Grid, cfg: FederationConfig, strategy: FedShiftStrategy,
+           progress: PhaseReporter, server_round: int, arrays: ArrayRecord,
+           run_key: str) -> ArrayRecord:
     """One round: train at the sites, aggregate what passes the checks, and in the
     last ``cfg.evaluations`` rounds evaluate (:meth:`FederationConfig.evaluates`).
 
@@ -77,22 +77,27 @@ def _round(grid: Grid, cfg: FederationConfig, strategy: FedShiftStrategy, server
     (:func:`server.site_connection.wait_for_sites`); Flower's own wait has no bound."""
     request = Request(server_round=server_round, run_key=run_key)
     wait_for_sites(grid, cfg)
-    replies = _phase(grid, strategy, "train", server_round, strategy.configure_train(
+    replies = _phase(grid, strategy, progress, "train", server_round, strategy.configure_train(
         server_round, arrays, request.to_config(), grid), cfg.round_timeout)
     aggregated, _ = strategy.aggregate_train(server_round, replies)
     arrays = aggregated if aggregated is not None else arrays
     if cfg.evaluates(server_round):
         wait_for_sites(grid, cfg)
-        replies = _phase(grid, strategy, "evaluate", server_round, strategy.configure_evaluate(
-            server_round, arrays, request.to_config(), grid), cfg.round_timeout)
+        replies = _phase(grid, strategy, progress, "evaluate", server_round,
+                         strategy.configure_evaluate(server_round, arrays, request.to_config(),
+                                                     grid), cfg.round_timeout)
         strategy.aggregate_evaluate(server_round, replies)
     strategy.end_round(server_round)
     return arrays
 
 
-def run_federation(grid: Grid, cfg: FederationConfig, on_round: RoundCallback | None = None
-                   ) -> FedShiftStrategy:
+def run_federation(grid: Grid, cfg: FederationConfig, on_round: RoundCallback | None = None,
+                   on_phase: PhaseCallback | None = None) -> FedShiftStrategy:
     """Run ``cfg.num_rounds`` rounds on ``grid``; write history, final parameters and shifts.
+
+    ``on_round`` gets each round's history entry as the round's training (and
+    evaluation) ends; ``on_phase`` a :class:`server.phase_progress.PhaseProgress` as
+    each phase of a round starts and ends.
 
     With ``cfg.shift`` (and DP on) every round ends with a moment query and the run
     with a deployment query (:class:`server.shift_monitor.ShiftMonitor`); the
@@ -113,18 +118,21 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round: RoundCallback | 
     )
     state = Path(cfg.state_dir)
     checkpoint = _start(cfg, strategy, initial, state)
+    progress = PhaseReporter(cfg.num_rounds, on_phase)
     monitor = None
     if cfg.shift and cfg.dp:
         layout = moment_layout(model, cfg.moment_layers, cfg.moment_clip)
         monitor = ShiftMonitor(grid, layout, cfg.num_classes, timeout=cfg.round_timeout,
-                               run_key=checkpoint.run_key, labels=strategy.labels)
+                               run_key=checkpoint.run_key, labels=strategy.labels,
+                               progress=progress)
         if checkpoint.monitor:
             monitor.restore(checkpoint.monitor)
     strategy.summary()
     arrays = checkpoint.arrays
     for server_round in range(checkpoint.server_round + 1, cfg.num_rounds + 1):
         logger.info("[ROUND %d/%d]", server_round, cfg.num_rounds)
-        arrays = _round(grid, cfg, strategy, server_round, arrays, checkpoint.run_key)
+        arrays = _round(grid, cfg, strategy, progress, server_round, arrays,
+                        checkpoint.run_key)
         if monitor is not None:
             monitor.moments_round(server_round, arrays)
         checkpoint.server_round, checkpoint.arrays = server_round, arrays
@@ -150,14 +158,15 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round: RoundCallback | 
 
 
 def make_server_app(config: FederationConfig | None = None,
-                    on_round: RoundCallback | None = None) -> ServerApp:
+                    on_round: RoundCallback | None = None,
+                    on_phase: PhaseCallback | None = None) -> ServerApp:
     """A ServerApp using ``config``, or each run's Flower run config when None."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config or FederationConfig.from_flower(context.run_config)
-        run_federation(grid, cfg, on_round)
+        run_federation(grid, cfg, on_round, on_phase)
 
     return app
 

@@ -59,11 +59,14 @@ from common.messages import (
     Request,
 )
 from common.norm_moments import MomentLayout
+from server.phase_progress import PhaseReporter
 from server.site_labels import SiteLabels, addressed_node, destinations
 
 logger = logging.getLogger(__name__)
 
 CENTRING_CLIP_FACTOR = 4.0
+QUERY_PHASES = {"moments": "shift query", "deployment": "deployment query"}
+"""The progress phase (:data:`server.phase_progress.PHASES`) of each kind of query."""
 
 
 class ShiftMonitor:
@@ -87,12 +90,17 @@ class ShiftMonitor:
         The node -> label map to record sites under: pass the strategy's
         (:attr:`server.strategy.FedShiftStrategy.labels`) so that both name a node
         alike. None: a new one.
+    progress : PhaseReporter or None (default: None)
+        Exchanges the queries with the sites and reports them as the phases
+        ``shift query`` and ``deployment query``. None: one that reports nothing.
     """
 
     def __init__(self, grid: Grid, layout: MomentLayout, num_classes: int,
                  timeout: float | None = None, run_key: str = "",
-                 labels: SiteLabels | None = None) -> None:
+                 labels: SiteLabels | None = None,
+                 progress: PhaseReporter | None = None) -> None:
         self.grid = grid
+        self.progress = progress if progress is not None else PhaseReporter(0)
         self.run_key = run_key
         self.labels = labels if labels is not None else SiteLabels()
         self.layout = layout
@@ -145,7 +153,8 @@ class ShiftMonitor:
             for node in self.grid.get_node_ids()
         ]
         answers = {}
-        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        replies, _ = self.progress.exchange(self.grid, messages, self.timeout, server_round,
+                                            QUERY_PHASES[kind])
         sent_to = destinations(messages)
         for reply in replies:
             node = addressed_node(reply, sent_to)

@@ -33,6 +33,7 @@ from server.dev_credentials import CredentialsExistError
 from simulations.report_command import add_report_parser, run_report
 from simulations.scenario import load_scenario
 from simulations.study_command import add_study_parser, run_study_command
+from simulations.trackers import require_tensorboard, write_tensorboard
 
 DEFAULTS = FederationConfig()
 
@@ -56,6 +57,11 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                    help="write results.json and the run's state (history, final parameters, "
                         "ledgers) here")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    p.add_argument("--tensorboard", type=Path, default=None, metavar="DIR",
+                   help="also write the run's per-round and per-site metrics, privacy spent "
+                        "and shift scores as TensorBoard event files under DIR (needs "
+                        "pip install 'fedshift[trackers]'); view them with "
+                        "tensorboard --logdir DIR")
     p.add_argument("--scenario", default="",
                    help="scenario file (TOML) with ground-truth label, covariate and concept "
                         "shifts per site; its sites and [federation] settings replace "
@@ -216,9 +222,14 @@ def _print_own_models(results: dict[str, Any]) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from server.run_report import REPORT_FILE
-    from simulations.runner import RESULTS_FILE, progress_callback, simulate, simulated_policy
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from server.run_report import HTML_FILE, REPORT_FILE
+    from simulations.progress import RunProgress
+    from simulations.runner import RESULTS_FILE, simulate, simulated_policy
+
+    if args.tensorboard is not None:
+        require_tensorboard()  # said before the run, not after it
     if args.out is not None:
         state_dir = args.out / "state"
         if state_dir.exists():
@@ -236,18 +247,25 @@ def _simulate(args: argparse.Namespace) -> int:
     if not args.verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
         os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    on_round, close = progress_callback(cfg.num_rounds)
+    # The long local steps (preparing the sites' data, scoring their test splits) say
+    # so in log lines, written above the progress bar.
+    logging.getLogger("simulations.runner").setLevel(logging.INFO)
+    progress = RunProgress(cfg.num_rounds)
     try:
         policy = replace(simulated_policy(cfg), own_model_epochs=args.own_model_epochs)
-        results = simulate(cfg, args.out, on_round, policy=policy)
+        with logging_redirect_tqdm():
+            results = simulate(cfg, args.out, progress.on_round, policy=policy,
+                               on_phase=progress.on_phase)
     finally:
-        close()
+        progress.close()
     print()
     print_results(results)
     if args.out is not None:
         print(f"\nresults: {args.out / RESULTS_FILE}")
-        if "shift" in results:
-            print(f"report: {args.out / REPORT_FILE}")
+        print(f"report: {args.out / REPORT_FILE} and {args.out / HTML_FILE}")
+    if args.tensorboard is not None:
+        write_tensorboard(results, args.tensorboard)
+        print(f"tensorboard: {args.tensorboard} (tensorboard --logdir {args.tensorboard})")
     return 0
 
 

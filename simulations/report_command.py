@@ -1,4 +1,4 @@
-"""``fedshift report DIR``: a Markdown report with plots of a run's shift estimates."""
+"""``fedshift report DIR``: a run's report, as Markdown with plots and as one HTML page."""
 
 from __future__ import annotations
 
@@ -16,18 +16,19 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
         The subparsers of the ``fedshift`` parser.
     """
     p = sub.add_parser(
-        "report", help="write a Markdown report with plots of a run's shift estimates",
+        "report", help="write a run's report (report.md with plots, and report.html)",
         description="Read DIR/results.json (written by `fedshift simulate --out DIR`) and write "
-                    "report.md with its plots under plots/.",
+                    "report.md with its plots under plots/, and report.html, one "
+                    "self-contained page with the same content.",
     )
     p.add_argument("dir", type=Path, metavar="DIR", help="directory of a simulated run")
     p.add_argument("--out", type=Path, default=None,
-                   help="write report.md and plots/ here (default: DIR)")
+                   help="write report.md, plots/ and report.html here (default: DIR)")
     p.add_argument("--verbose", action="store_true", help="log each file written")
 
 
 def run_report(args: argparse.Namespace) -> int:
-    """Write the report of the run in ``args.dir`` and print its path.
+    """Write the report of the run in ``args.dir`` and print the paths written.
 
     Parameters
     ----------
@@ -45,9 +46,10 @@ def run_report(args: argparse.Namespace) -> int:
 
     try:
         results = load_run(args.dir)
-        report = write_report(results, args.dir if args.out is None else args.out)
+        files = write_report(results, args.dir if args.out is None else args.out)
     except (OSError, ValueError) as exc:
         print(f"fedshift: error: {exc}", file=sys.stderr)
         return 2
-    print(f"report: {report}")
+    print(f"report: {files.markdown}")
+    print(f"page: {files.html}")
     return 0

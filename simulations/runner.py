@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,9 @@ from common.federation_config import FederationConfig
 from common.image_datasets import load_image_dataset
 from common.model_surgery import FedShiftModel
 from common.prediction import CalibratedPredictions, calibrated_predictions
+from common.privacy_accounting import GaussianRelease, certify
 from server.app import make_server_app
+from server.phase_progress import PhaseCallback
 from server.run_records import (
     FINAL_ARRAYS_FILE,
     HISTORY_FILE,
@@ -103,9 +106,13 @@ def _scored(sites: tuple[SiteData, ...], model_for: SiteModel
     """Each site's test predictions as the site makes them: its model calibrated, and
     decided at its balanced operating point, on its own validation split."""
     device = resolve_device("auto")
-    return {site.name: calibrated_predictions(model_for(site), site.images["val"],
-                                              site.labels["val"], site.images["test"], device)
-            for site in sites}
+    logger.info("scoring each site's final model on its test split (%d sites)", len(sites))
+    start = time.perf_counter()
+    scored = {site.name: calibrated_predictions(model_for(site), site.images["val"],
+                                                site.labels["val"], site.images["test"], device)
+              for site in sites}
+    logger.info("scored the %d sites in %.1f s", len(sites), time.perf_counter() - start)
+    return scored
 
 
 def _site_results(cfg: FederationConfig, sites: tuple[SiteData, ...],
@@ -136,13 +143,30 @@ def _site_results(cfg: FederationConfig, sites: tuple[SiteData, ...],
     return rows
 
 
+def epsilon_by_release(ledger: PrivacyLedger) -> list[dict[str, Any]]:
+    """Each kind of DP release in ``ledger`` (mechanism and part read), with how many
+    there were and the epsilon they certify alone, in the order first made."""
+    kinds: dict[tuple[str, str], list[GaussianRelease]] = {}
+    for entry in ledger.entries():
+        if entry.kind == "gaussian":
+            kinds.setdefault((entry.mechanism, entry.part), []).append(entry.release)
+    return [{"mechanism": mechanism, "part": part, "count": len(releases),
+             "epsilon": certify(releases, ledger.delta).epsilon}
+            for (mechanism, part), releases in kinds.items()]
+
+
 def ledger_figures(ledger_path: Path, cfg: FederationConfig) -> dict[str, Any]:
-    """A ledger's privacy spent and its DP-SGD parameters, as results report them."""
+    """A ledger's privacy spent, by part and by kind of release, and its DP-SGD
+    parameters, as results report them."""
     ledger = PrivacyLedger(ledger_path, cfg.epsilon, cfg.delta)
     sgd = [e for e in ledger.entries() if e.kind == "gaussian" and e.mechanism == "dp-sgd"]
+    spent = ledger.certificate()
     return {
-        "epsilon_spent": ledger.epsilon_spent(), "delta": ledger.delta,
+        "epsilon_spent": spent.epsilon, "delta": ledger.delta,
+        "accountant": spent.accountant, "epsilon_prv": spent.prv_epsilon,
+        "epsilon_rdp": spent.rdp_epsilon,
         "epsilon_by_part": {p: ledger.epsilon_spent(p) for p in PARTS},
+        "epsilon_by_release": epsilon_by_release(ledger),
         "composition": ledger.composition,
         "noise_multiplier": sgd[-1].noise_multiplier if sgd else None,
         "sample_rate": sgd[-1].sample_rate if sgd else None,
@@ -244,7 +268,8 @@ def simulated_policy(cfg: FederationConfig) -> SitePolicy:
 def simulate(cfg: FederationConfig, out_dir: Path | None = None,
              on_round: RoundCallback | None = None,
              simulated: SimulatedSites | None = None,
-             policy: SitePolicy | None = None) -> dict[str, Any]:
+             policy: SitePolicy | None = None,
+             on_phase: PhaseCallback | None = None) -> dict[str, Any]:
     """Run the federation ``cfg`` describes; return (and write to ``out_dir``) its results.
 
     ``cfg.state_dir`` receives the server's history, final parameters and the
@@ -252,16 +277,23 @@ def simulate(cfg: FederationConfig, out_dir: Path | None = None,
     there carry privacy spent over from earlier runs). ``simulated`` replaces the
     sites ``cfg`` would build (studies pass sites with injected shifts); ``policy``
     is every simulated site's release policy (None: :func:`simulated_policy`).
+    ``on_round`` and ``on_phase`` are the server's progress callbacks
+    (:func:`server.app.run_federation`).
     """
     cfg = scenario_config(cfg)
-    simulated = simulated or simulated_sites(cfg)
     policy = policy or simulated_policy(cfg)
+    if simulated is None:
+        logger.info("preparing the data of %d sites (%s at %d px)", cfg.num_sites, cfg.dataset,
+                    cfg.image_size)
+        start = time.perf_counter()
+        simulated = simulated_sites(cfg)
+        logger.info("the sites' data is ready (%.1f s)", time.perf_counter() - start)
     from flwr.simulation import run_simulation
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
         run_simulation(
-            server_app=make_server_app(cfg, on_round),
+            server_app=make_server_app(cfg, on_round, on_phase),
             client_app=make_client_app(cfg, lambda _: simulated.sites,
                                        policy),
             num_supernodes=cfg.num_sites,
@@ -284,21 +316,6 @@ def simulate(cfg: FederationConfig, out_dir: Path | None = None,
         results["shift"] = shift
     if out_dir is not None:
         write_json(Path(out_dir) / RESULTS_FILE, results)
-        if "shift" in results:
-            write_report(results, Path(out_dir))
+        write_report(results, Path(out_dir))
     return results
 
-
-def progress_callback(total_rounds: int) -> tuple[RoundCallback, Callable[[], None]]:
-    """A tqdm progress bar over rounds, as a round callback and a closer."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=total_rounds, desc="rounds", unit="round")
-
-    def on_round(entry: dict[str, Any]) -> None:
-        accuracy = entry.get("evaluate", {}).get("balanced_accuracy")
-        bar.set_postfix(dp_bal_acc=f"{accuracy:.3f}" if isinstance(accuracy, float) else "n/a",
-                        refused=len(entry["refused"]))
-        bar.update(1)
-
-    return on_round, bar.close

@@ -106,7 +106,11 @@ def test_a_ten_class_data_set_runs_with_label_skew_and_fedbn(
     assert all(len(s["class_prior"]) == 10 for s in results["sites"])
     assert 0 < results["pooled_test"]["auroc"] <= 1
     assert len(list((out / "state" / "ledgers" / "personal").glob("site-*.npz"))) == 2
-    assert "site-0" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "site-0" in printed
+    # a run without shift estimates has its report too
+    assert f"report: {out / 'report.md'} and {out / 'report.html'}" in printed
+    assert 'id="test-performance"' in (out / "report.html").read_text()
 
 
 @pytest.mark.parametrize(("flags", "expected"), [

@@ -55,7 +55,12 @@ def test_two_round_dp_federation(small_pneumonia_dir: Path, tmp_path: Path) -> N
             site["delta"])
         slack = 2 * PRV_EPS_ERROR if accountant == "prv" else 1e-3 * expected
         assert site["composition"] == "sequential"
+        assert site["accountant"] == accountant
         assert abs(site["epsilon_spent"] - expected) <= slack
+        by_release = {(r["mechanism"], r["part"]): r for r in site["epsilon_by_release"]}
+        assert by_release[("moments", "train")]["count"] == 2
+        assert by_release[("evaluation", "test")]["count"] == 1
+        assert all(0 < r["epsilon"] <= site["epsilon_spent"] for r in by_release.values())
         assert 0.9 <= site["epsilon_spent"] <= 1.0 and expected <= 1.0
         assert set(site["test"]) >= {"accuracy", "balanced_accuracy", "auroc"}
         assert 0.0 <= site["test"]["auroc"] <= 1.0
@@ -63,6 +68,8 @@ def test_two_round_dp_federation(small_pneumonia_dir: Path, tmp_path: Path) -> N
     assert set(written["pooled_test"]) >= {"accuracy", "balanced_accuracy", "auroc"}
     assert written["pooled_test"]["auroc"] > 0.6
     assert written["bytes_per_round_per_site"] < 0.02 * written["full_model_bytes"]
+    assert "## Test performance" in (tmp_path / "report.md").read_text()
+    assert 'id="test-performance"' in (tmp_path / "report.html").read_text()
 
     initial = trainable_arrays(build_model(cfg.model_spec()))
     final = load_arrays(Path(cfg.state_dir) / FINAL_ARRAYS_FILE)
