@@ -320,6 +320,7 @@ def run_sections(results: dict[str, Any]) -> list[Block]:
     names = _site_names(results)
     blocks = _summary(results, names)
     blocks += _performance_section(results)
+    blocks += _own_model_section(results)
     blocks += _learning_section(results, names)
     blocks += _privacy_section(results)
     blocks += _communication_section(results)
@@ -413,6 +414,47 @@ def _performance_section(results: dict[str, Any]) -> list[Block]:
                   "site decides."),
         _table("test-performance", header, rows),
     ]
+
+
+def _mix(weight: Any) -> str:
+    if not _is_number(weight):
+        return MISSING
+    return ("federated" if weight == 1 else "own model" if weight == 0
+            else f"{weight:.0%} federated")
+
+
+def _own_model_section(results: dict[str, Any]) -> list[Block]:
+    rows = []
+    for site in results.get("sites") or []:
+        own = site.get("own_model")
+        if not isinstance(own, dict):
+            continue
+        test = site.get("test") if isinstance(site.get("test"), dict) else {}
+        alone = own.get("test_alone") if isinstance(own.get("test_alone"), dict) else {}
+        decided = own.get("test") if isinstance(own.get("test"), dict) else {}
+        rows.append([site["name"], _num(own.get("federated_loss")), _num(own.get("local_loss")),
+                     "yes" if own.get("alone_is_better") else "no", _mix(own.get("weight")),
+                     _num(test.get("auroc")), _num(alone.get("auroc")),
+                     _num(decided.get("auroc")), _num(decided.get("balanced_accuracy"))])
+    if not rows:
+        return []
+    blocks: list[Block] = [
+        Heading("Better off alone?"),
+        Paragraph("Each site trained a model of its own on its training split, without DP (it "
+                  "never leaves the site), and compared it with the federated model on its "
+                  "validation split (calibrated log loss). It decides with a mix of the two "
+                  "only where the mix is clearly better there. Test AUROC of the federated "
+                  "model, the site's own model and what the site decides with."),
+        _table("own-model", ["site", "federated val. loss", "own val. loss",
+                             "alone clearly better", "decides with", "AUROC federated",
+                             "AUROC own", "AUROC decided", "balanced accuracy decided"], rows),
+    ]
+    pooled = results.get("pooled_test_as_decided")
+    if isinstance(pooled, dict):
+        blocks.append(Paragraph(f"Pooled test as the sites decide: AUROC "
+                                f"{_num(pooled.get('auroc'))}, balanced accuracy "
+                                f"{_num(pooled.get('balanced_accuracy'))}."))
+    return blocks
 
 
 def _train_replies(entry: dict[str, Any]) -> int:
