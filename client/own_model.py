@@ -7,8 +7,9 @@ step), from the same pretrained backbone and in the run's transfer mode. It is
 trained once per run, the first time the site decides with the federated model,
 and kept in a file on the site's disk beside its ledger, named after the run key.
 
-The site then compares the two on its validation split and decides with the best
-mix (:mod:`common.model_blend`). Nothing about the own model leaves the site: the
+The site then compares the two on its validation split, logs what it found, and
+decides with the best mix (:mod:`common.model_blend`) where its policy says
+``decide_with_mix``; else with the federated model. Nothing about the own model leaves the site: the
 DP evaluation counts use the global model alone, and the exact metrics made at
 the site's operating point go out only where its policy releases them by name.
 """
@@ -98,9 +99,10 @@ def decision_model(site: SiteRuntime, federated: FedShiftModel
     """The model the site decides with, and the comparison that chose it.
 
     With ``own_model_epochs`` 0 in the site's policy, or no validation images, the
-    federated model alone (and None). Otherwise the mix of the federated model and the
-    site's own model with the lowest calibrated log loss on its validation split; the
-    comparison goes to the site's log (a warning where alone it would do better).
+    federated model alone (and None). Otherwise the comparison with the site's own
+    model goes to the site's log (a warning where alone it would do clearly better),
+    and the model is the best mix where the policy says ``decide_with_mix``, else the
+    federated model.
     """
     validation = site.data.images["val"]
     if not site.policy.own_model_epochs or not len(validation):
@@ -109,7 +111,8 @@ def decision_model(site: SiteRuntime, federated: FedShiftModel
     choice = choose_blend(predict_logits(federated, validation, site.device),
                           predict_logits(own, validation, site.device),
                           site.data.labels["val"].numpy())
-    (logger.warning if choice.alone_is_better else logger.info)(choice.summary(site.name))
-    if choice.weight == 1.0:
+    (logger.warning if choice.alone_is_better else logger.info)(
+        choice.summary(site.name, site.policy.decide_with_mix))
+    if choice.weight == 1.0 or not site.policy.decide_with_mix:
         return federated, choice
     return BlendedModel(federated, own, choice.weight), choice

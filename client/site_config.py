@@ -279,6 +279,7 @@ def _policy(top: _Table, ledger_must_exist: bool) -> SitePolicy:
     kwargs["own_model_epochs"] = table.integer(
         "own_model_epochs", "a whole number of epochs >= 0 (0: no own model)",
         range(0, 10**4), defaults.own_model_epochs)
+    kwargs["decide_with_mix"] = table.flag("decide_with_mix", defaults.decide_with_mix)
     table.done()
     return SitePolicy(**kwargs)
 

@@ -95,18 +95,22 @@ class BlendChoice:
         split."""
         return 0.0 in self.clear_gains
 
-    def summary(self, site: str) -> str:
-        """One line for the site's log."""
+    def summary(self, site: str, mixing: bool) -> str:
+        """One line for the site's log; ``mixing``: whether the site decides with the mix."""
         head = (f"{site}: on its validation split ({self.validation_size} images) the "
                 f"federated model's calibrated log loss is {self.federated_loss:.3f}, its "
                 f"own model's {self.local_loss:.3f}")
         if self.weight == 1.0:
             return f"{head}; it decides with the federated model"
-        verdict = ("alone it would do better" if self.alone_is_better
-                   else "a mix does clearly better than the federated model")
-        return (f"{head}: {verdict}, so it decides with {self.weight:.0%} federated / "
-                f"{1 - self.weight:.0%} own model (loss {self.losses[self.weight]:.3f}); "
-                "nothing about this is released")
+        verdict = ("alone it would do clearly better there" if self.alone_is_better
+                   else "a mix does clearly better there than the federated model")
+        mix = f"{self.weight:.0%} federated / {1 - self.weight:.0%} own model"
+        if mixing:
+            return (f"{head}: {verdict}, so it decides with {mix} (loss "
+                    f"{self.losses[self.weight]:.3f}); nothing about this is released")
+        return (f"{head}: {verdict} (best: {mix}, loss {self.losses[self.weight]:.3f}). It "
+                "still decides with the federated model: check on images it will see "
+                "before setting [operating_point] decide_with_mix = true")
 
     def to_dict(self) -> dict[str, object]:
         return {"weight": self.weight, "federated_loss": self.federated_loss,

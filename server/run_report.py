@@ -431,27 +431,30 @@ def _own_model_section(results: dict[str, Any]) -> list[Block]:
             continue
         test = site.get("test") if isinstance(site.get("test"), dict) else {}
         alone = own.get("test_alone") if isinstance(own.get("test_alone"), dict) else {}
-        decided = own.get("test") if isinstance(own.get("test"), dict) else {}
+        mix = own.get("test_mix") if isinstance(own.get("test_mix"), dict) else {}
         rows.append([site["name"], _num(own.get("federated_loss")), _num(own.get("local_loss")),
                      "yes" if own.get("alone_is_better") else "no", _mix(own.get("weight")),
-                     _num(test.get("auroc")), _num(alone.get("auroc")),
-                     _num(decided.get("auroc")), _num(decided.get("balanced_accuracy"))])
+                     "yes" if own.get("decides_with_mix") else "no",
+                     _num(test.get("auroc")), _num(alone.get("auroc")), _num(mix.get("auroc")),
+                     _num(mix.get("balanced_accuracy"))])
     if not rows:
         return []
     blocks: list[Block] = [
         Heading("Better off alone?"),
         Paragraph("Each site trained a model of its own on its training split, without DP (it "
                   "never leaves the site), and compared it with the federated model on its "
-                  "validation split (calibrated log loss). It decides with a mix of the two "
-                  "only where the mix is clearly better there. Test AUROC of the federated "
-                  "model, the site's own model and what the site decides with."),
+                  "validation split (calibrated log loss), with mixes of the two; a mix "
+                  "counts only where it is clearly better there. Test AUROC of the federated "
+                  "model, the site's own model and the mix best on validation; a site "
+                  "decides with that mix only where its policy says so."),
         _table("own-model", ["site", "federated val. loss", "own val. loss",
-                             "alone clearly better", "decides with", "AUROC federated",
-                             "AUROC own", "AUROC decided", "balanced accuracy decided"], rows),
+                             "alone clearly better", "best mix", "decides with it",
+                             "AUROC federated", "AUROC own", "AUROC mix",
+                             "balanced accuracy mix"], rows),
     ]
-    pooled = results.get("pooled_test_as_decided")
+    pooled = results.get("pooled_test_mix")
     if isinstance(pooled, dict):
-        blocks.append(Paragraph(f"Pooled test as the sites decide: AUROC "
+        blocks.append(Paragraph(f"Pooled test with every site on its best mix: AUROC "
                                 f"{_num(pooled.get('auroc'))}, balanced accuracy "
                                 f"{_num(pooled.get('balanced_accuracy'))}."))
     return blocks

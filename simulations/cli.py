@@ -123,7 +123,10 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--own-model-epochs", type=int, default=SitePolicy.own_model_epochs,
                    help="every site trains a model of its own (no DP, never released) for "
                         "this many epochs, compares it with the federated one on its "
-                        "validation split and decides with the better mix; 0: off")
+                        "validation split; 0: off")
+    p.add_argument("--decide-with-mix", action="store_true",
+                   help="every site decides with the mix of federated and own model that was "
+                        "clearly best on its validation split (off: the federated model)")
     p.add_argument("--seed", type=int, default=DEFAULTS.seed)
     p.add_argument("--verbose", action="store_true", help="show Flower's log")
 
@@ -203,9 +206,10 @@ def _print_own_models(results: dict[str, Any]) -> None:
     if not rows:
         return
     print("\nbetter off alone? each site's own model (its training split, no DP, never "
-          "released)\nagainst the federated one; validation log loss, then test AUROC")
-    header = (f"{'site':<10}{'fed loss':>10}{'own loss':>10}{'decides with':>16}"
-              f"{'fed':>8}{'own':>8}{'decided':>9}")
+          "released)\nagainst the federated one: validation log loss, the mix best on "
+          "validation, test AUROC")
+    header = (f"{'site':<10}{'fed loss':>10}{'own loss':>10}{'best mix':>16}"
+              f"{'fed':>8}{'own':>8}{'mix':>8}")
     print(header)
     print("-" * len(header))
     for name, federated, own in rows:
@@ -214,11 +218,14 @@ def _print_own_models(results: dict[str, Any]) -> None:
                else f"{weight:.0%} federated")
         print(f"{name:<10}{_fmt(own['federated_loss']):>10}{_fmt(own['local_loss']):>10}"
               f"{mix:>16}{_fmt(federated['auroc']):>8}{_fmt(own['test_alone']['auroc']):>8}"
-              f"{_fmt(own['test']['auroc']):>9}")
-    pooled = results.get("pooled_test_as_decided")
+              f"{_fmt(own['test_mix']['auroc']):>8}")
+    pooled = results.get("pooled_test_mix")
     if pooled is not None:
-        print(f"pooled test AUROC as the sites decide: {_fmt(pooled['auroc'])}, balanced "
-              f"accuracy {_fmt(pooled['balanced_accuracy'])}")
+        print(f"pooled test AUROC with each site on its best mix: {_fmt(pooled['auroc'])}, "
+              f"balanced accuracy {_fmt(pooled['balanced_accuracy'])}")
+    using = rows[0][2].get("decides_with_mix")
+    print("the sites decide with " + ("these mixes" if using else
+          "the federated model (--decide-with-mix: with these mixes)"))
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -252,7 +259,8 @@ def _simulate(args: argparse.Namespace) -> int:
     logging.getLogger("simulations.runner").setLevel(logging.INFO)
     progress = RunProgress(cfg.num_rounds)
     try:
-        policy = replace(simulated_policy(cfg), own_model_epochs=args.own_model_epochs)
+        policy = replace(simulated_policy(cfg), own_model_epochs=args.own_model_epochs,
+                         decide_with_mix=args.decide_with_mix)
         with logging_redirect_tqdm():
             results = simulate(cfg, args.out, progress.on_round, policy=policy,
                                on_phase=progress.on_phase)

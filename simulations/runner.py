@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from client.app import make_client_app
 from client.own_model import decision_model, own_model
@@ -32,6 +33,7 @@ from common.classification_metrics import classification_metrics
 from common.federated_data import SiteData, load_federation
 from common.federation_config import FederationConfig
 from common.image_datasets import load_image_dataset
+from common.model_blend import BlendedModel
 from common.model_surgery import FedShiftModel
 from common.prediction import CalibratedPredictions, calibrated_predictions
 from common.privacy_accounting import GaussianRelease, certify
@@ -205,36 +207,44 @@ def _metrics(labels: torch.Tensor, scored: CalibratedPredictions) -> dict[str, f
     return {k: metrics[k] for k in TEST_METRICS if k in metrics}
 
 
+def _test_predictions(model: nn.Module, site: SiteData, device: torch.device,
+                      policy: SitePolicy) -> CalibratedPredictions:
+    return calibrated_predictions(model, site.images["val"], site.labels["val"],
+                                  site.images["test"], device, policy.target_sensitivity)
+
+
 def add_own_models(results: dict[str, Any], cfg: FederationConfig,
                    sites: tuple[SiteData, ...], policy: SitePolicy) -> None:
     """Add to ``results`` what each site found comparing the final federated model with
     its own model (:mod:`client.own_model`; kept from the run's evaluation, or trained
-    now): per site, the choice on its validation split and the test metrics of the
-    model it decides with and of its own model alone; and the pooled test of the
-    sites' decisions. Nothing is added where the policy keeps no own model."""
+    now): per site, the comparison on its validation split, the test metrics of its own
+    model alone and of the mix chosen on validation, and whether it decides with that
+    mix; and the pooled test with every site on its mix. Nothing is added where the
+    policy keeps no own model."""
     if not policy.own_model_epochs:
         return
     final = load_arrays(Path(cfg.state_dir) / FINAL_ARRAYS_FILE)
     run_key = json.loads((Path(cfg.state_dir) / HISTORY_FILE).read_text())["run_key"]
-    decided: dict[str, CalibratedPredictions] = {}
+    mixed: dict[str, CalibratedPredictions] = {}
     rows = {row["name"]: row for row in results["sites"]}
     for index, data in enumerate(sites):
         runtime = resolve_site(cfg, {"partition-id": index}, run_key, lambda _: sites, policy)
-        decider, choice = decision_model(runtime, site_model(runtime, final))
+        federated = site_model(runtime, final)
+        _, choice = decision_model(runtime, federated)
         if choice is None:
             continue
-        val, val_labels, test = data.images["val"], data.labels["val"], data.images["test"]
-        decided[data.name] = calibrated_predictions(decider, val, val_labels, test,
-                                                    runtime.device, policy.target_sensitivity)
-        alone = calibrated_predictions(own_model(runtime), val, val_labels, test,
-                                       runtime.device, policy.target_sensitivity)
+        own = own_model(runtime)
+        mixed[data.name] = _test_predictions(BlendedModel(federated, own, choice.weight),
+                                             data, runtime.device, policy)
+        alone = _test_predictions(own, data, runtime.device, policy)
         rows[data.name]["own_model"] = {
             **choice.to_dict(), "epochs": policy.own_model_epochs,
-            "test": _metrics(data.labels["test"], decided[data.name]),
+            "decides_with_mix": policy.decide_with_mix,
             "test_alone": _metrics(data.labels["test"], alone),
+            "test_mix": _metrics(data.labels["test"], mixed[data.name]),
         }
-    if len(decided) == len(sites):
-        results["pooled_test_as_decided"] = pooled_test(sites, decided)
+    if len(mixed) == len(sites):
+        results["pooled_test_mix"] = pooled_test(sites, mixed)
 
 
 def collect_results(cfg: FederationConfig, history: dict[str, Any],

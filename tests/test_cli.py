@@ -88,6 +88,28 @@ def test_negative_update_norm_bound(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.slow
+def test_with_an_empty_home_and_no_network_the_default_command_runs_to_its_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's first command on a fresh machine (downloads fail in tests), cut to a
+    small slice: it reads the shipped copy and writes results.json and both reports."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("FEDSHIFT_DATA_DIR", raising=False)
+    out = tmp_path / "run"
+    assert main(["simulate", "--image-size", "16", "--rounds", "1", "--local-epochs", "1",
+                 "--prevalences", "0.5,0.8", "--own-model-epochs", "1",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"data: {medmnist_files.SHIPPED_DIR / 'pneumoniamnist.npz'} "
+                              "(shipped copy, 28 px")
+    results = json.loads((out / "results.json").read_text())
+    assert [s["epsilon_spent"] <= 1.0 for s in results["sites"]] == [True, True]
+    assert all("own_model" in s for s in results["sites"])
+    assert "## Test performance" in (out / "report.md").read_text()
+    assert 'id="test-performance"' in (out / "report.html").read_text()
+
+
+@pytest.mark.slow
 def test_a_ten_class_data_set_runs_with_label_skew_and_fedbn(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

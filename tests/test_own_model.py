@@ -3,6 +3,7 @@ site's side (trained once per run, kept, never moving what it releases)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -86,21 +87,28 @@ def cfg(small_pneumonia_dir: Path, tmp_path: Path) -> FederationConfig:
     )
 
 
-def test_a_site_trains_its_own_model_once_per_run_and_keeps_it(
-        cfg: FederationConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_site_trains_its_own_model_once_per_run_keeps_it_and_mixes_only_if_asked(
+        cfg: FederationConfig, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
     site = resolve_site(cfg, {"partition-id": 0}, "run", policy=SitePolicy(own_model_epochs=2))
     federated = site_model(site, trainable_arrays(build_model(cfg.model_spec())))
     decider, choice = decision_model(site, federated)
     assert choice is not None and choice.validation_size == len(site.data.labels["val"])
     assert own_model_path(site.files_dir, site.name, "run").exists()
-    # An untrained head against a model trained on the site's data: alone is better.
-    assert choice.alone_is_better and isinstance(decider, BlendedModel)
+    # An untrained head against a model trained on the site's data: alone is better,
+    # the site's log says so, and by default it still decides with the federated model.
+    assert choice.alone_is_better and decider is federated
+    assert "alone it would do clearly better there" in caplog.text
+    assert "decide_with_mix = true" in caplog.text
 
     def retrain(*_: object) -> None:
         raise AssertionError("the kept model was trained again")
 
     monkeypatch.setattr(own_model_module, "train_own_model", retrain)
-    assert decision_model(site, federated)[1] == choice
+    mixing = replace(site, policy=SitePolicy(own_model_epochs=2, decide_with_mix=True))
+    decider, again = decision_model(mixing, federated)
+    assert again == choice and isinstance(decider, BlendedModel)
+    assert decider.weight == choice.weight < 1
 
 
 def test_without_an_own_model_the_site_decides_with_the_federated_model(
@@ -117,7 +125,8 @@ def test_the_released_counts_do_not_depend_on_the_training_split(
     # split do not cover: flipping every training label must leave them unchanged.
     arrays = trainable_arrays(build_model(cfg.model_spec()))
     record = ArrayRecord({k: Array(v.numpy().copy()) for k, v in arrays.items()})
-    policy = SitePolicy(own_model_epochs=2, non_dp=frozenset({"evaluation-metrics"}))
+    policy = SitePolicy(own_model_epochs=2, decide_with_mix=True,
+                        non_dp=frozenset({"evaluation-metrics"}))
     request = Request(server_round=1, run_key="run")
     counts, metrics = [], []
     for run in ("a", "b"):

@@ -83,13 +83,15 @@ def test_own_models_say_which_site_is_better_off_alone(results: dict[str, Any],
     assert "Better off alone?" not in _markdown(results, tmp_path / "none")
     results["sites"][1]["own_model"] = {
         "weight": 0.25, "federated_loss": 0.41, "local_loss": 0.33, "alone_is_better": True,
-        "test": {"auroc": 0.951, "balanced_accuracy": 0.871}, "test_alone": {"auroc": 0.947}}
-    results["pooled_test_as_decided"] = {"auroc": 0.938, "balanced_accuracy": 0.862}
+        "decides_with_mix": False, "test_alone": {"auroc": 0.947},
+        "test_mix": {"auroc": 0.951, "balanced_accuracy": 0.871}}
+    results["pooled_test_mix"] = {"auroc": 0.938, "balanced_accuracy": 0.862}
     text = _markdown(results, tmp_path / "own")
     assert _headings(text)[1] == "Better off alone?"
-    assert _row("site-1", "0.410", "0.330", "yes", "25% federated", "0.913", "0.947",
+    assert _row("site-1", "0.410", "0.330", "yes", "25% federated", "no", "0.913", "0.947",
                 "0.951", "0.871") in text
-    assert "Pooled test as the sites decide: AUROC 0.938, balanced accuracy 0.862." in text
+    assert ("Pooled test with every site on its best mix: AUROC 0.938, balanced accuracy "
+            "0.862.") in text
 
 
 def test_learning_curve_per_round(results: dict[str, Any], tmp_path: Path) -> None:

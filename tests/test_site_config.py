@@ -72,7 +72,7 @@ def test_node_config_has_the_keys_the_client_app_reads(tmp_path: Path) -> None:
         "allow-label-histograms": False, "composition": "sequential",
         "ledger-must-exist": False, "max-image-size": 512, "max-local-epochs": 10,
         "max-rounds": 100, "max-moment-layers": 16, "target-sensitivity": 0.0,
-        "own-model-epochs": 10,
+        "own-model-epochs": 10, "decide-with-mix": False,
     }
     # The ClientApp reads back the policy the file set.
     assert SitePolicy.from_node_config(node) == load_site_config(path).policy
