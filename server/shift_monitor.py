@@ -273,6 +273,12 @@ class ShiftMonitor:
                 bb = bbse(pools[name], confusion)
                 if self.num_classes == 2:
                     cal = fit_bcts(hist)
+                    row["calibration"] = {"slope": cal.slope, "bias": cal.bias,
+                                          "converged": cal.converged}
+                    if not cal.converged:
+                        logger.warning("%s: calibration fit from its validation histogram "
+                                       "failed; its MLLS prior uses the uncalibrated scores",
+                                       name)
                     dep = mlls(pools[name], cal.posterior(BINARY_CENTRES),
                                np.array(cal.source_prior))
                 else:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.optimize import minimize
+from scipy.optimize import OptimizeResult, minimize
 
 from common.label_shift import (
     BINARY_CENTRES,
+    BINARY_EDGES,
+    SLOPE_BOUNDS,
     Calibration,
     bbse,
     concept_gap,
@@ -157,3 +159,101 @@ def test_bcts_converges_to_the_penalised_optimum_where_classes_do_not_overlap(
     assert np.isfinite([cal.slope, cal.bias]).all()
     assert loss(np.array([cal.slope, cal.bias])) <= best.fun + 1e-7
     assert np.isfinite(cal.posterior(BINARY_CENTRES)).all()
+
+
+def _noisy_val_hist(rng: np.random.Generator, n: int = 80, separation: float = 1.0,
+                    noise_std: float = 4.0) -> np.ndarray:
+    """A site's released validation histogram: ``n`` images whose logit differences are
+    N(+-separation / 2, 1) per class (AUROC 0.76 at separation 1), DP noise per cell."""
+    labels = rng.random(n) < 0.5
+    d = rng.normal(0.0, 1.0, n) + separation * (labels - 0.5)
+    hist = histogram(np.searchsorted(BINARY_EDGES, d, side="right"), labels.astype(int), 2)
+    return hist + rng.normal(0.0, noise_std, hist.shape)
+
+
+def _penalised_loss(h: np.ndarray, slope: np.ndarray, bias: np.ndarray,
+                    ridge: float = 1e-3) -> np.ndarray:
+    """The BCTS objective at every (slope, bias) pair of the broadcast grids."""
+    z = slope[..., None] * BINARY_CENTRES + bias[..., None]
+    nll = (h.sum(axis=0) * np.logaddexp(0.0, z)).sum(axis=-1) - (h[1] * z).sum(axis=-1)
+    return nll + ridge / 2 * ((slope - 1) ** 2 + bias**2)
+
+
+def _grid_optimum(h: np.ndarray) -> tuple[float, float]:
+    """Minimum of the penalised loss over slope in SLOPE_BOUNDS, by grids that zoom in."""
+    low, high = SLOPE_BOUNDS
+    slopes, biases = np.linspace(low, 10.0, 201), np.linspace(-10.0, 10.0, 201)
+    for _ in range(14):
+        s, b = np.meshgrid(slopes, biases, indexing="ij")
+        i, j = np.unravel_index(np.argmin(_penalised_loss(h, s, b)), s.shape)
+        best_slope, best_bias = slopes[i], biases[j]
+        ds, db = slopes[1] - slopes[0], biases[1] - biases[0]
+        slopes = np.linspace(max(low, best_slope - 2 * ds), min(high, best_slope + 2 * ds), 41)
+        biases = np.linspace(best_bias - 2 * db, best_bias + 2 * db, 41)
+    return float(best_slope), float(best_bias)
+
+
+def _undamped_newton(h: np.ndarray, iterations: int = 100) -> float:
+    """The slope of the former fit: undamped Newton from the identity, no safeguard."""
+    h = np.clip(h, 0, None)
+    x = np.stack([BINARY_CENTRES, np.ones_like(BINARY_CENTRES)], axis=1)
+    theta = np.array([1.0, 0.0])
+    with np.errstate(all="ignore"):
+        for _ in range(iterations):
+            p = 1 / (1 + np.exp(-(x @ theta)))
+            grad = x.T @ (h[1] - h.sum(axis=0) * p) - 1e-3 * (theta - [1.0, 0.0])
+            hess = (x * (h.sum(axis=0) * p * (1 - p))[:, None]).T @ x + 1e-3 * np.eye(2)
+            theta = theta + np.linalg.solve(hess, grad)
+    return float(theta[0])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_bcts_matches_a_grid_search_of_its_likelihood_on_noisy_histograms(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    h = np.clip(_noisy_val_hist(rng, n=200, separation=2.0), 0, None)
+    slope, bias = _grid_optimum(h)
+    cal = fit_bcts(h)
+    assert cal.converged
+    assert cal.slope == pytest.approx(slope, abs=2e-3)
+    assert cal.bias == pytest.approx(bias, abs=2e-3)
+
+
+def test_bcts_on_noisy_80_image_histograms_converges_with_a_positive_slope() -> None:
+    """The review's case: 80 validation images, noise std 4 per cell. The former
+    undamped Newton diverged or went negative on part of these; the fit must not."""
+    rng = np.random.default_rng(7)
+    hists = [_noisy_val_hist(rng) for _ in range(200)]
+    old = np.array([_undamped_newton(h) for h in hists])
+    broken = ~np.isfinite(old) | (old <= 0) | (np.abs(old) > 1e3)
+    assert broken.sum() >= 10, "the cases must include ones the former fit got wrong"
+    fits = [fit_bcts(h) for h in hists]
+    slopes = np.array([c.slope for c in fits])
+    assert np.isfinite(slopes).all() and (slopes > 0).all() and (slopes <= SLOPE_BOUNDS[1]).all()
+    assert all(c.converged or (c.slope, c.bias) == (1.0, 0.0) for c in fits)
+    assert np.mean([c.converged for c in fits]) > 0.95
+    # Where the likelihood alone prefers a negative slope, the fit stops at the bound,
+    # at the constrained optimum, as elsewhere.
+    at_bound = [i for i, c in enumerate(fits) if c.slope == SLOPE_BOUNDS[0]]
+    assert len(at_bound) >= 5
+    for i in [*at_bound[:5], *range(5)]:
+        h, cal = hists[i], fits[i]
+        slope, bias = _grid_optimum(np.clip(h, 0, None))
+        assert cal.slope == pytest.approx(slope, abs=2e-3)
+        assert cal.bias == pytest.approx(bias, abs=2e-3)
+
+
+def test_bcts_reports_failure_and_returns_the_identity(monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    one_class = np.zeros((2, len(BINARY_CENTRES)))
+    one_class[0, :4] = 5.0
+    cal = fit_bcts(one_class)
+    assert (cal.slope, cal.bias, cal.converged) == (1.0, 0.0, False)
+    assert cal.source_prior == (1.0, 0.0)
+
+    def stuck(fun, x0, **kwargs):  # an optimiser that stops where it started
+        return OptimizeResult(x=np.asarray(x0), success=False, message="stopped")
+
+    monkeypatch.setattr("common.label_shift.minimize", stuck)
+    cal = fit_bcts(_val_hist(400, 0.3))
+    assert (cal.slope, cal.bias, cal.converged) == (1.0, 0.0, False)
+    assert cal.source_prior[1] == pytest.approx(0.3)
