@@ -18,7 +18,8 @@ the server and the site compute the same numbers and no privacy is spent twice:
 * :func:`mlls` — maximum-likelihood label shift (Saerens et al. 2002): EM for the
   deployment priors given calibrated posteriors and their source priors;
 * :func:`bbse` — black-box shift estimation (Lipton et al. 2018): solve
-  ``C p = q`` with the confusion matrix ``C`` of predicted given true class;
+  ``C p = q`` with the confusion matrix ``C`` of predicted given true class, hard
+  or soft (expected calibrated posteriors per true class);
 * :func:`correct_priors` — Bayes' rule ``p_t(y|x) ∝ p_s(y|x) p_t(y) / p_s(y)``;
 * :func:`concept_gap` — how much worse the labels fit than the model itself
   expects (loss minus entropy), after prior correction.
@@ -193,23 +194,50 @@ def mlls(pool_hist: np.ndarray, posteriors: np.ndarray, source_prior: np.ndarray
     return prior
 
 
-def confusion_given_true(val_hist: np.ndarray) -> np.ndarray:
-    """(predicted, true) matrix of P(predicted | true) from (classes, bins) histograms."""
+def hard_cell_posteriors(num_classes: int) -> np.ndarray:
+    """(bins, classes) one-hot rows: the class the uncalibrated model predicts per cell."""
+    return np.eye(num_classes)[predicted_class_of_bin(num_classes)]
+
+
+def _cell_posteriors(cell_posteriors: np.ndarray | None, num_classes: int) -> np.ndarray:
+    if cell_posteriors is None:
+        return hard_cell_posteriors(num_classes)
+    post = np.asarray(cell_posteriors, dtype=np.float64)
+    if post.shape != (num_bins(num_classes), num_classes):
+        raise ValueError(f"expected ({num_bins(num_classes)}, {num_classes}) cell posteriors, "
+                         f"got {post.shape}")
+    return post
+
+
+def confusion_given_true(val_hist: np.ndarray, cell_posteriors: np.ndarray | None = None
+                         ) -> np.ndarray:
+    """(predicted, true) matrix ``C[k, j] = E[f_k(x) | y = j]`` from (classes, bins) histograms.
+
+    ``f`` is the classifier BBSE counts with: ``cell_posteriors`` (bins, classes), soft
+    posteriors per cell (binary tasks: calibrated ones), or None for hard decisions
+    by the uncalibrated model (:func:`hard_cell_posteriors`). Hard decisions from the
+    sign of the raw score leave ``C`` singular when a model puts every image on one
+    side of 0; soft posteriors keep the classes apart wherever the scores separate
+    them.
+    """
     h = _clean(val_hist)
-    num_classes = h.shape[0]
-    pred = predicted_class_of_bin(num_classes)
-    joint = np.zeros((num_classes, num_classes))
-    for k in range(num_classes):
-        joint[k] = h[:, pred == k].sum(axis=1)
+    post = _cell_posteriors(cell_posteriors, h.shape[0])
+    joint = post.T @ h.T  # (predicted, true)
     return joint / np.maximum(joint.sum(axis=0, keepdims=True), _EPS)
 
 
-def bbse(pool_hist: np.ndarray, confusion: np.ndarray) -> np.ndarray:
-    """Deployment priors solving ``confusion @ p = q`` (least squares, then the simplex)."""
+def bbse(pool_hist: np.ndarray, confusion: np.ndarray,
+         cell_posteriors: np.ndarray | None = None) -> np.ndarray:
+    """Deployment priors solving ``confusion @ p = q`` (least squares, then the simplex).
+
+    ``q[k]`` is the pool's mean of ``f_k``, with the same ``cell_posteriors`` that
+    made ``confusion`` (see :func:`confusion_given_true`). Under label shift
+    ``E_pool[f] = C p`` for any fixed ``f``, so the estimate is exact on noise-free
+    histograms whenever ``C`` is invertible.
+    """
     num_classes = confusion.shape[0]
-    pred = predicted_class_of_bin(num_classes)
-    c = _clean(pool_hist)
-    q = normalise(np.array([c[pred == k].sum() for k in range(num_classes)]))
+    post = _cell_posteriors(cell_posteriors, num_classes)
+    q = normalise(_clean(pool_hist) @ post)
     p, *_ = np.linalg.lstsq(confusion, q, rcond=None)
     return normalise(p)
 

@@ -257,3 +257,56 @@ def test_bcts_reports_failure_and_returns_the_identity(monkeypatch: pytest.Monke
     cal = fit_bcts(_val_hist(400, 0.3))
     assert (cal.slope, cal.bias, cal.converged) == (1.0, 0.0, False)
     assert cal.source_prior[1] == pytest.approx(0.3)
+
+
+# A DP-trained model whose raw logit difference is > 0 for every image (cells 4 to 7
+# only), yet whose scores still separate the classes.
+ALL_POSITIVE_NEG = np.array([0, 0, 0, 0, 0.50, 0.30, 0.15, 0.05])
+ALL_POSITIVE_POS = np.array([0, 0, 0, 0, 0.05, 0.15, 0.30, 0.50])
+
+
+def _all_positive_val_hist(n: float, prior1: float) -> np.ndarray:
+    return np.stack([n * (1 - prior1) * ALL_POSITIVE_NEG, n * prior1 * ALL_POSITIVE_POS])
+
+
+def _all_positive_pool_hist(n: float, prior1: float) -> np.ndarray:
+    return n * ((1 - prior1) * ALL_POSITIVE_NEG + prior1 * ALL_POSITIVE_POS)
+
+
+@pytest.mark.parametrize("target", [0.1, 0.2, 0.5, 0.8])
+def test_soft_bbse_recovers_priors_when_every_raw_logit_is_positive(target: float) -> None:
+    val = _all_positive_val_hist(2000, 0.5)
+    post = fit_bcts(val).posterior(BINARY_CENTRES)
+    soft = bbse(_all_positive_pool_hist(400, target), confusion_given_true(val, post), post)
+    assert soft[1] == pytest.approx(target, abs=1e-9)
+    # The sign rule calls every image class 1: its confusion matrix is singular and
+    # the estimate stays at 0.5 whatever the pool holds.
+    hard = confusion_given_true(val)
+    np.testing.assert_allclose(hard, [[0.0, 0.0], [1.0, 1.0]])
+    assert bbse(_all_positive_pool_hist(400, target), hard)[1] == pytest.approx(0.5)
+
+
+def test_soft_bbse_error_under_dp_noise_within_the_stated_bound() -> None:
+    """Pooled validation of 2000 images (noise std 9: five sites' 4.05 summed), a pool
+    of 400 at prior 0.2 (noise std 4.05): mean error under 0.03, 95th percentile
+    under 0.06; the sign rule's mean error is above 0.3."""
+    rng = np.random.default_rng(3)
+    soft_errors, hard_errors = [], []
+    for _ in range(200):
+        val = _all_positive_val_hist(2000, 0.5) + rng.normal(0, 9.0, (2, 8))
+        pool = _all_positive_pool_hist(400, 0.2) + rng.normal(0, 4.05, 8)
+        post = fit_bcts(val).posterior(BINARY_CENTRES)
+        soft_errors.append(abs(bbse(pool, confusion_given_true(val, post), post)[1] - 0.2))
+        hard_errors.append(abs(bbse(pool, confusion_given_true(val))[1] - 0.2))
+    assert np.mean(soft_errors) < 0.03 and np.quantile(soft_errors, 0.95) < 0.06
+    assert np.mean(hard_errors) > 0.3
+
+
+def test_soft_confusion_is_the_expected_posterior_per_true_class() -> None:
+    val = _val_hist(1000, 0.3)
+    post = _exact_posteriors(0.3)
+    expected = np.array([[CELL_GIVEN_NEG @ post[:, k], CELL_GIVEN_POS @ post[:, k]]
+                         for k in (0, 1)])
+    np.testing.assert_allclose(confusion_given_true(val, post), expected, atol=1e-12)
+    with pytest.raises(ValueError, match=r"expected \(8, 2\) cell posteriors"):
+        confusion_given_true(val, post[:4])

@@ -94,6 +94,10 @@ def test_queries_carry_the_run_key_and_deployment_reads_the_typed_reply() -> Non
     assert site["metrics"] == {"corrected": {"auroc": 0.9}}
     assert len(site["deployment_prior"]) == 2 and "concept_gap" in site
     assert site["calibration"]["converged"] and site["calibration"]["slope"] > 0
+    # Every pool holds the validation images of both classes (100 each): soft BBSE with
+    # the federation's calibration finds 0.5 exactly.
+    assert site["deployment_prior_bbse"] == pytest.approx([0.5, 0.5], abs=1e-9)
+    assert final["federation_calibration"]["converged"]
     assert monitor.refused == {}
 
 
