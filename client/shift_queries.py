@@ -25,6 +25,8 @@ which reserved its cost before DP-SGD's noise was sized.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
@@ -54,6 +56,8 @@ from common.messages import DeploymentReply, MomentsReply, Request
 from common.norm_moments import image_moments, moment_layout
 from common.prediction import predict_logits
 from common.private_summaries import noisy_class_sums, noisy_histogram
+
+logger = logging.getLogger(__name__)
 
 
 def _centre(request: Request, shape: tuple[int, int, int]) -> np.ndarray:
@@ -158,6 +162,9 @@ def _correction(site: SiteRuntime, val_hist: np.ndarray, pool_hist: np.ndarray,
     """The site's MLLS priors (from its released histograms) and, where its policy allows
     audit metrics and the pool has audit labels, metrics with and without correction."""
     calibration = fit_bcts(val_hist)
+    if not calibration.converged:
+        logger.warning("%s: calibration fit from the validation histogram failed; the "
+                       "deployment prior uses the uncalibrated scores", site.name)
     source = np.array(calibration.source_prior)
     prior = mlls(pool_hist, calibration.posterior(BINARY_CENTRES), source)
     priors = tuple(float(p) for p in prior)

@@ -2,7 +2,9 @@
 
 Resolved from the run's :class:`FederationConfig` and the node config of the
 SuperNode (or simulated node) the ClientApp runs on. A simulated site is picked
-by ``partition-id``; a deployed site (node config with ``data-path``, as
+by ``partition-id`` and runs under the name of its data (the scenario's site
+name, or ``site-<index>``), so the server's records, its ledger and the
+simulation's results all find it by one name; a deployed site (node config with ``data-path``, as
 ``fedshift site run`` sets it from the site's TOML) reads its own data and must
 set its own budget and ledger (``epsilon``, ``delta``, ``ledger-path``); it
 refuses runs with DP turned off, so the server can neither raise the budget nor
@@ -27,7 +29,7 @@ import torch
 from client.privacy_ledger import PrivacyLedger
 from client.release_policy import SitePolicy
 from client.reply_archive import ReplyArchive
-from common.federated_data import SiteData, load_federation, site_name
+from common.federated_data import SiteData, load_federation
 from common.federation_config import ConfigError, FederationConfig
 from common.messages import SITE_NAME_PATTERN
 from common.site_images import load_site_images
@@ -75,6 +77,11 @@ def resolve_device(value: str) -> torch.device:
     return torch.device(value)
 
 
+def simulated_ledger_path(cfg: FederationConfig, name: str) -> Path:
+    """Where a site whose node config names no ledger keeps it: under the run's state-dir."""
+    return Path(cfg.state_dir) / "ledgers" / f"{name}.json"
+
+
 def _site_budget(cfg: FederationConfig, node_config: dict[str, Any]) -> FederationConfig:
     """The run config with the node's own epsilon, delta and clip (where set) in force."""
     own = {key: float(node_config[key]) for key in ("epsilon", "delta", "clip")
@@ -93,7 +100,8 @@ def _simulated_data(cfg: FederationConfig, node_config: dict[str, Any],
     index = int(node_config["partition-id"])
     if not 0 <= index < cfg.num_sites:
         raise ConfigError(f"partition-id {index} is outside 0..{cfg.num_sites - 1}")
-    return str(node_config.get("site-name", site_name(index))), load_sites(cfg)[index], 0
+    data = load_sites(cfg)[index]
+    return data.name, data, 0
 
 
 def _deployed_data(cfg: FederationConfig, node_config: dict[str, Any]
@@ -164,8 +172,7 @@ def resolve_site(cfg: FederationConfig, node_config: dict[str, Any], run_key: st
         )
     ledger = archive = None
     if cfg.dp:
-        path = Path(node_config.get("ledger-path")
-                    or Path(cfg.state_dir) / "ledgers" / f"{name}.json")
+        path = Path(node_config.get("ledger-path") or simulated_ledger_path(cfg, name))
         ledger = PrivacyLedger(path, cfg.epsilon, cfg.delta, policy.composition,
                                policy.ledger_must_exist)
         archive = ReplyArchive(path.parent / "replies" / f"{name}-{run_key}")

@@ -6,8 +6,10 @@ scores every site's covariate shift against the rest of the federation, for the
 round alone and accumulated over the rounds so far (the flag uses the
 accumulated evidence). After the last round :meth:`ShiftMonitor.deployment`
 asks for the score histograms of each site's validation split and deployment
-pool and derives the federation's confusion matrix, every site's training and
-deployment priors (MLLS and BBSE), importance weights and concept-shift gap.
+pool and derives the federation's confusion matrix (binary tasks: soft, from the
+calibrated posteriors fitted to all sites' validation histograms), every site's
+training and deployment priors (MLLS and BBSE), importance weights and
+concept-shift gap.
 Everything here is computed from DP releases only.
 
 Every reply is parsed with :class:`common.messages.MomentsReply` or
@@ -255,7 +257,15 @@ class ShiftMonitor:
         counts = sum(self._counts.values()) if self._counts else None
         fed_prior = normalise(counts) if counts is not None else normalise(
             sum(v.sum(axis=1) for v in val.values()))
-        confusion = confusion_given_true(sum(val.values())) if val else None
+        cell_posteriors, fed_calibration = None, None
+        if val and self.num_classes == 2:
+            # BBSE counts with the federation's calibrated posteriors (soft confusion):
+            # hard decisions at the raw score's sign leave the confusion matrix
+            # singular when a DP model puts every image on one side of 0.
+            fed_calibration = fit_bcts(sum(val.values()))
+            cell_posteriors = fed_calibration.posterior(BINARY_CENTRES)
+        confusion = (confusion_given_true(sum(val.values()), cell_posteriors)
+                     if val else None)
         training = self.training_priors()
         sites: dict[str, Any] = {}
         gaps = {}
@@ -270,9 +280,15 @@ class ShiftMonitor:
                                             fed_prior)
                 gaps[name] = concept_gap(hist, posteriors, parsed[name].val_noise_std)
             if name in pools:
-                bb = bbse(pools[name], confusion)
+                bb = bbse(pools[name], confusion, cell_posteriors)
                 if self.num_classes == 2:
                     cal = fit_bcts(hist)
+                    row["calibration"] = {"slope": cal.slope, "bias": cal.bias,
+                                          "converged": cal.converged}
+                    if not cal.converged:
+                        logger.warning("%s: calibration fit from its validation histogram "
+                                       "failed; its MLLS prior uses the uncalibrated scores",
+                                       name)
                     dep = mlls(pools[name], cal.posterior(BINARY_CENTRES),
                                np.array(cal.source_prior))
                 else:
@@ -295,6 +311,9 @@ class ShiftMonitor:
         self.final = {
             "federation_prior": fed_prior.tolist(),
             "federation_confusion": confusion.tolist() if confusion is not None else None,
+            "federation_calibration": None if fed_calibration is None else {
+                "slope": fed_calibration.slope, "bias": fed_calibration.bias,
+                "converged": fed_calibration.converged},
             "sites": sites,
         }
         return self.final

@@ -23,7 +23,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from client.privacy_ledger import PrivacyLedger
-from client.site_runtime import SiteRuntime, resolve_device, resolve_site
+from client.site_runtime import SiteRuntime, resolve_device, resolve_site, simulated_ledger_path
 from client.site_work import site_model, train_site
 from common.federated_data import SiteData
 from common.federation_config import FederationConfig
@@ -108,7 +108,7 @@ def run_centralised(cfg: FederationConfig, sites: tuple[SiteData, ...],
     """
     run_key = uuid.uuid4().hex
     pooled = pool_sites(sites)
-    ledger_path = Path(cfg.state_dir) / "ledgers" / f"{POOLED}.json"
+    ledger_path = simulated_ledger_path(cfg, POOLED)
     device = resolve_device("auto")
     holder = SiteRuntime(
         name=POOLED, cfg=alone(cfg), data=pooled,

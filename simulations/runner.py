@@ -27,7 +27,7 @@ from client.app import make_client_app
 from client.own_model import decision_model, own_model
 from client.privacy_ledger import PARTS, PrivacyLedger
 from client.release_policy import SitePolicy
-from client.site_runtime import resolve_device, resolve_site
+from client.site_runtime import resolve_device, resolve_site, simulated_ledger_path
 from client.site_work import site_model
 from common.classification_metrics import classification_metrics
 from common.federated_data import SiteData, load_federation
@@ -130,7 +130,7 @@ def _site_results(cfg: FederationConfig, sites: tuple[SiteData, ...],
     for site in sites:
         row: dict[str, Any] = {"name": site.name, "epsilon_spent": None, "delta": None,
                                "noise_multiplier": None, "sample_rate": None, "steps": 0}
-        ledger_path = Path(cfg.state_dir) / "ledgers" / f"{site.name}.json"
+        ledger_path = simulated_ledger_path(cfg, site.name)
         if cfg.dp and ledger_path.exists():
             row.update(ledger_figures(ledger_path, cfg))
         own = scored[site.name]

@@ -53,6 +53,7 @@ from common.federated_data import SiteData
 from common.federation_config import ConfigError, FederationConfig
 from common.image_tensors import to_model_input
 from common.medmnist_files import SPLITS, ImageSplits
+from common.messages import SITE_NAME_PATTERN
 from simulations.covariate_shift import SHIFTS, apply_shift
 
 logger = logging.getLogger(__name__)
@@ -218,7 +219,9 @@ class SiteSpec:
     Parameters
     ----------
     name : str
-        Site name, unique in the scenario.
+        Site name, unique in the scenario: 1 to 64 letters, digits, '.', '_' or '-',
+        starting with a letter or digit (the site runs, keeps its ledger and is
+        reported under it).
     prevalence : float
         Class-1 fraction of the labelled splits (train, val, test), in [0, 1].
     deploy_prevalence : float
@@ -249,8 +252,12 @@ class SiteSpec:
 
     def __post_init__(self) -> None:
         where = f"site {self.name!r}"
-        if not isinstance(self.name, str) or not self.name:
-            raise ScenarioError(f"site name {self.name!r} must be a non-empty string")
+        if not isinstance(self.name, str) or not SITE_NAME_PATTERN.fullmatch(self.name):
+            raise ScenarioError(
+                f"site name {self.name!r} must be 1 to 64 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit (e.g. 'st-marys'); the site runs, keeps "
+                "its ledger and is reported under it"
+            )
         for key in ("prevalence", "deploy_prevalence"):
             value = getattr(self, key)
             if not (_is_number(value) and 0 <= value <= 1):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.optimize import minimize
+from scipy.optimize import OptimizeResult, minimize
 
 from common.label_shift import (
     BINARY_CENTRES,
+    BINARY_EDGES,
+    SLOPE_BOUNDS,
     Calibration,
     bbse,
     concept_gap,
@@ -157,3 +159,154 @@ def test_bcts_converges_to_the_penalised_optimum_where_classes_do_not_overlap(
     assert np.isfinite([cal.slope, cal.bias]).all()
     assert loss(np.array([cal.slope, cal.bias])) <= best.fun + 1e-7
     assert np.isfinite(cal.posterior(BINARY_CENTRES)).all()
+
+
+def _noisy_val_hist(rng: np.random.Generator, n: int = 80, separation: float = 1.0,
+                    noise_std: float = 4.0) -> np.ndarray:
+    """A site's released validation histogram: ``n`` images whose logit differences are
+    N(+-separation / 2, 1) per class (AUROC 0.76 at separation 1), DP noise per cell."""
+    labels = rng.random(n) < 0.5
+    d = rng.normal(0.0, 1.0, n) + separation * (labels - 0.5)
+    hist = histogram(np.searchsorted(BINARY_EDGES, d, side="right"), labels.astype(int), 2)
+    return hist + rng.normal(0.0, noise_std, hist.shape)
+
+
+def _penalised_loss(h: np.ndarray, slope: np.ndarray, bias: np.ndarray,
+                    ridge: float = 1e-3) -> np.ndarray:
+    """The BCTS objective at every (slope, bias) pair of the broadcast grids."""
+    z = slope[..., None] * BINARY_CENTRES + bias[..., None]
+    nll = (h.sum(axis=0) * np.logaddexp(0.0, z)).sum(axis=-1) - (h[1] * z).sum(axis=-1)
+    return nll + ridge / 2 * ((slope - 1) ** 2 + bias**2)
+
+
+def _grid_optimum(h: np.ndarray) -> tuple[float, float]:
+    """Minimum of the penalised loss over slope in SLOPE_BOUNDS, by grids that zoom in."""
+    low, high = SLOPE_BOUNDS
+    slopes, biases = np.linspace(low, 10.0, 201), np.linspace(-10.0, 10.0, 201)
+    for _ in range(14):
+        s, b = np.meshgrid(slopes, biases, indexing="ij")
+        i, j = np.unravel_index(np.argmin(_penalised_loss(h, s, b)), s.shape)
+        best_slope, best_bias = slopes[i], biases[j]
+        ds, db = slopes[1] - slopes[0], biases[1] - biases[0]
+        slopes = np.linspace(max(low, best_slope - 2 * ds), min(high, best_slope + 2 * ds), 41)
+        biases = np.linspace(best_bias - 2 * db, best_bias + 2 * db, 41)
+    return float(best_slope), float(best_bias)
+
+
+def _undamped_newton(h: np.ndarray, iterations: int = 100) -> float:
+    """The slope of the former fit: undamped Newton from the identity, no safeguard."""
+    h = np.clip(h, 0, None)
+    x = np.stack([BINARY_CENTRES, np.ones_like(BINARY_CENTRES)], axis=1)
+    theta = np.array([1.0, 0.0])
+    with np.errstate(all="ignore"):
+        for _ in range(iterations):
+            p = 1 / (1 + np.exp(-(x @ theta)))
+            grad = x.T @ (h[1] - h.sum(axis=0) * p) - 1e-3 * (theta - [1.0, 0.0])
+            hess = (x * (h.sum(axis=0) * p * (1 - p))[:, None]).T @ x + 1e-3 * np.eye(2)
+            theta = theta + np.linalg.solve(hess, grad)
+    return float(theta[0])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_bcts_matches_a_grid_search_of_its_likelihood_on_noisy_histograms(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    h = np.clip(_noisy_val_hist(rng, n=200, separation=2.0), 0, None)
+    slope, bias = _grid_optimum(h)
+    cal = fit_bcts(h)
+    assert cal.converged
+    assert cal.slope == pytest.approx(slope, abs=2e-3)
+    assert cal.bias == pytest.approx(bias, abs=2e-3)
+
+
+def test_bcts_on_noisy_80_image_histograms_converges_with_a_positive_slope() -> None:
+    """The review's case: 80 validation images, noise std 4 per cell. The former
+    undamped Newton diverged or went negative on part of these; the fit must not."""
+    rng = np.random.default_rng(7)
+    hists = [_noisy_val_hist(rng) for _ in range(200)]
+    old = np.array([_undamped_newton(h) for h in hists])
+    broken = ~np.isfinite(old) | (old <= 0) | (np.abs(old) > 1e3)
+    assert broken.sum() >= 10, "the cases must include ones the former fit got wrong"
+    fits = [fit_bcts(h) for h in hists]
+    slopes = np.array([c.slope for c in fits])
+    assert np.isfinite(slopes).all() and (slopes > 0).all() and (slopes <= SLOPE_BOUNDS[1]).all()
+    assert all(c.converged or (c.slope, c.bias) == (1.0, 0.0) for c in fits)
+    assert np.mean([c.converged for c in fits]) > 0.95
+    # Where the likelihood alone prefers a negative slope, the fit stops at the bound,
+    # at the constrained optimum, as elsewhere.
+    at_bound = [i for i, c in enumerate(fits) if c.slope == SLOPE_BOUNDS[0]]
+    assert len(at_bound) >= 5
+    for i in [*at_bound[:5], *range(5)]:
+        h, cal = hists[i], fits[i]
+        slope, bias = _grid_optimum(np.clip(h, 0, None))
+        assert cal.slope == pytest.approx(slope, abs=2e-3)
+        assert cal.bias == pytest.approx(bias, abs=2e-3)
+
+
+def test_bcts_reports_failure_and_returns_the_identity(monkeypatch: pytest.MonkeyPatch
+                                                       ) -> None:
+    one_class = np.zeros((2, len(BINARY_CENTRES)))
+    one_class[0, :4] = 5.0
+    cal = fit_bcts(one_class)
+    assert (cal.slope, cal.bias, cal.converged) == (1.0, 0.0, False)
+    assert cal.source_prior == (1.0, 0.0)
+
+    def stuck(fun, x0, **kwargs):  # an optimiser that stops where it started
+        return OptimizeResult(x=np.asarray(x0), success=False, message="stopped")
+
+    monkeypatch.setattr("common.label_shift.minimize", stuck)
+    cal = fit_bcts(_val_hist(400, 0.3))
+    assert (cal.slope, cal.bias, cal.converged) == (1.0, 0.0, False)
+    assert cal.source_prior[1] == pytest.approx(0.3)
+
+
+# A DP-trained model whose raw logit difference is > 0 for every image (cells 4 to 7
+# only), yet whose scores still separate the classes.
+ALL_POSITIVE_NEG = np.array([0, 0, 0, 0, 0.50, 0.30, 0.15, 0.05])
+ALL_POSITIVE_POS = np.array([0, 0, 0, 0, 0.05, 0.15, 0.30, 0.50])
+
+
+def _all_positive_val_hist(n: float, prior1: float) -> np.ndarray:
+    return np.stack([n * (1 - prior1) * ALL_POSITIVE_NEG, n * prior1 * ALL_POSITIVE_POS])
+
+
+def _all_positive_pool_hist(n: float, prior1: float) -> np.ndarray:
+    return n * ((1 - prior1) * ALL_POSITIVE_NEG + prior1 * ALL_POSITIVE_POS)
+
+
+@pytest.mark.parametrize("target", [0.1, 0.2, 0.5, 0.8])
+def test_soft_bbse_recovers_priors_when_every_raw_logit_is_positive(target: float) -> None:
+    val = _all_positive_val_hist(2000, 0.5)
+    post = fit_bcts(val).posterior(BINARY_CENTRES)
+    soft = bbse(_all_positive_pool_hist(400, target), confusion_given_true(val, post), post)
+    assert soft[1] == pytest.approx(target, abs=1e-9)
+    # The sign rule calls every image class 1: its confusion matrix is singular and
+    # the estimate stays at 0.5 whatever the pool holds.
+    hard = confusion_given_true(val)
+    np.testing.assert_allclose(hard, [[0.0, 0.0], [1.0, 1.0]])
+    assert bbse(_all_positive_pool_hist(400, target), hard)[1] == pytest.approx(0.5)
+
+
+def test_soft_bbse_error_under_dp_noise_within_the_stated_bound() -> None:
+    """Pooled validation of 2000 images (noise std 9: five sites' 4.05 summed), a pool
+    of 400 at prior 0.2 (noise std 4.05): mean error under 0.03, 95th percentile
+    under 0.06; the sign rule's mean error is above 0.3."""
+    rng = np.random.default_rng(3)
+    soft_errors, hard_errors = [], []
+    for _ in range(200):
+        val = _all_positive_val_hist(2000, 0.5) + rng.normal(0, 9.0, (2, 8))
+        pool = _all_positive_pool_hist(400, 0.2) + rng.normal(0, 4.05, 8)
+        post = fit_bcts(val).posterior(BINARY_CENTRES)
+        soft_errors.append(abs(bbse(pool, confusion_given_true(val, post), post)[1] - 0.2))
+        hard_errors.append(abs(bbse(pool, confusion_given_true(val))[1] - 0.2))
+    assert np.mean(soft_errors) < 0.03 and np.quantile(soft_errors, 0.95) < 0.06
+    assert np.mean(hard_errors) > 0.3
+
+
+def test_soft_confusion_is_the_expected_posterior_per_true_class() -> None:
+    val = _val_hist(1000, 0.3)
+    post = _exact_posteriors(0.3)
+    expected = np.array([[CELL_GIVEN_NEG @ post[:, k], CELL_GIVEN_POS @ post[:, k]]
+                         for k in (0, 1)])
+    np.testing.assert_allclose(confusion_given_true(val, post), expected, atol=1e-12)
+    with pytest.raises(ValueError, match=r"expected \(8, 2\) cell posteriors"):
+        confusion_given_true(val, post[:4])

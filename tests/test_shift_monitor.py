@@ -27,6 +27,7 @@ class FakeGrid:
 
     def __init__(self) -> None:
         self.features = {1: BASE, 2: BASE, 3: SHIFTED}
+        self.val_hists = {node: VAL_HIST for node in self.features}
         self.asked: list[dict] = []
 
     def get_node_ids(self) -> list[int]:
@@ -41,7 +42,8 @@ class FakeGrid:
             self.asked.append(config)
             node = msg.metadata.dst_node_id
             if config["kind"] == "deployment":
-                reply = DeploymentReply(val_hist=VAL_HIST, val_noise_std=1.0, site=f"s{node}",
+                reply = DeploymentReply(val_hist=self.val_hists[node], val_noise_std=1.0,
+                                        site=f"s{node}",
                                         pool_hist=VAL_HIST.sum(axis=0), pool_noise_std=1.0,
                                         priors=(0.4, 0.6), extras={"corrected.auroc": 0.9})
                 replies.append(Message(reply.to_content(), reply_to=msg))
@@ -91,7 +93,24 @@ def test_queries_carry_the_run_key_and_deployment_reads_the_typed_reply() -> Non
     assert site["site_mlls_prior"] == [0.4, 0.6]
     assert site["metrics"] == {"corrected": {"auroc": 0.9}}
     assert len(site["deployment_prior"]) == 2 and "concept_gap" in site
+    assert site["calibration"]["converged"] and site["calibration"]["slope"] > 0
+    # Every pool holds the validation images of both classes (100 each): soft BBSE with
+    # the federation's calibration finds 0.5 exactly.
+    assert site["deployment_prior_bbse"] == pytest.approx([0.5, 0.5], abs=1e-9)
+    assert final["federation_calibration"]["converged"]
     assert monitor.refused == {}
+
+
+def test_a_failed_calibration_is_recorded_and_falls_back_to_the_identity(
+        caplog: pytest.LogCaptureFixture) -> None:
+    grid = FakeGrid()
+    grid.val_hists[2] = VAL_HIST * np.array([[1.0], [0.0]])  # no class-1 validation image
+    monitor = ShiftMonitor(grid, LAYOUT, num_classes=2)
+    final = monitor.deployment(1, ArrayRecord())
+    assert final["sites"]["s2"]["calibration"] == {"slope": 1.0, "bias": 0.0,
+                                                    "converged": False}
+    assert final["sites"]["s1"]["calibration"]["converged"]
+    assert "s2: calibration fit" in caplog.text
 
 
 def test_without_a_run_key_none_is_sent() -> None:

@@ -78,14 +78,14 @@ def test_channels_must_match_the_run(site_node: dict) -> None:
         resolve_site(RUN.replace(in_channels=3), site_node, "run-1")
 
 
-def test_simulated_sites_still_use_partition_id(tmp_path: Path) -> None:
+def test_simulated_sites_use_partition_id_and_their_datas_name(tmp_path: Path) -> None:
     data = SiteData("sim", {s: torch.zeros(2, 1, 16, 16) for s in ("train", "val", "test")},
                     {s: torch.zeros(2, dtype=torch.long) for s in ("train", "val", "test")}, 2)
     run = RUN.replace(num_sites=1, prevalences=(0.5,), state_dir=str(tmp_path))
     site = resolve_site(run, {"partition-id": 0, "clip": 0.2}, "r", lambda cfg: [data])
-    assert site.name == "site-0" and site.skipped_images == 0
+    assert site.name == "sim" and site.skipped_images == 0
     assert site.cfg.clip == 0.2 and site.cfg.epsilon == 8.0
-    assert site.ledger is not None and site.ledger.path.is_relative_to(tmp_path)
+    assert site.ledger is not None and site.ledger.path == tmp_path / "ledgers" / "sim.json"
     with pytest.raises(ConfigError, match=r"neither data-path .* nor partition-id"):
         resolve_site(run, {}, "r", lambda cfg: [data])
 
