@@ -27,12 +27,14 @@ CELL_GIVEN_NEG = np.array([0.30, 0.25, 0.18, 0.12, 0.07, 0.05, 0.02, 0.01])
 CELL_GIVEN_POS = np.array([0.01, 0.03, 0.05, 0.08, 0.13, 0.20, 0.25, 0.25])
 
 
-def _val_hist(n: float, prior1: float) -> np.ndarray:
-    return np.stack([n * (1 - prior1) * CELL_GIVEN_NEG, n * prior1 * CELL_GIVEN_POS])
+def _val_hist(n: float, prior1: float, neg: np.ndarray = CELL_GIVEN_NEG,
+              pos: np.ndarray = CELL_GIVEN_POS) -> np.ndarray:
+    return np.stack([n * (1 - prior1) * neg, n * prior1 * pos])
 
 
-def _pool_hist(n: float, prior1: float) -> np.ndarray:
-    return n * ((1 - prior1) * CELL_GIVEN_NEG + prior1 * CELL_GIVEN_POS)
+def _pool_hist(n: float, prior1: float, neg: np.ndarray = CELL_GIVEN_NEG,
+               pos: np.ndarray = CELL_GIVEN_POS) -> np.ndarray:
+    return n * ((1 - prior1) * neg + prior1 * pos)
 
 
 def _exact_posteriors(source1: float) -> np.ndarray:
@@ -266,11 +268,11 @@ ALL_POSITIVE_POS = np.array([0, 0, 0, 0, 0.05, 0.15, 0.30, 0.50])
 
 
 def _all_positive_val_hist(n: float, prior1: float) -> np.ndarray:
-    return np.stack([n * (1 - prior1) * ALL_POSITIVE_NEG, n * prior1 * ALL_POSITIVE_POS])
+    return _val_hist(n, prior1, ALL_POSITIVE_NEG, ALL_POSITIVE_POS)
 
 
 def _all_positive_pool_hist(n: float, prior1: float) -> np.ndarray:
-    return n * ((1 - prior1) * ALL_POSITIVE_NEG + prior1 * ALL_POSITIVE_POS)
+    return _pool_hist(n, prior1, ALL_POSITIVE_NEG, ALL_POSITIVE_POS)
 
 
 @pytest.mark.parametrize("target", [0.1, 0.2, 0.5, 0.8])
