@@ -23,6 +23,7 @@ from common.trainable_arrays import full_model_bytes, record_bytes, trainable_ar
 from server.checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
+    CheckpointError,
     config_fingerprint,
     load_checkpoint,
     save_checkpoint,
@@ -50,7 +51,13 @@ def _start(cfg: FederationConfig, strategy: FedShiftStrategy, initial: ArrayReco
     if saved is not None and not saved.finished:
         logger.info("resuming run %s after round %d from %s", saved.run_key,
                     saved.server_round, state / CHECKPOINT_FILE)
-        strategy.restore(saved.strategy, saved.strategy_arrays)
+        try:
+            strategy.restore(saved.strategy, saved.strategy_arrays)
+        except ValueError as exc:
+            raise CheckpointError(
+                f"the checkpoint {state / CHECKPOINT_FILE} holds aggregator state this "
+                f"fedshift cannot resume from ({exc}). Move it out of the state-dir to start "
+                "the run afresh (the sites' ledgers keep what they spent)") from None
         return saved
     if saved is not None:
         logger.info("the run in %s finished; starting a new run there", state)
@@ -103,19 +110,23 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round: RoundCallback | 
     with a deployment query (:class:`server.shift_monitor.ShiftMonitor`); the
     shift record goes to ``shift.json`` in the state directory.
 
+    The strategy is built first, so an unknown ``cfg.aggregator`` stops the run
+    (:class:`server.aggregators.AggregatorError`, listing the names) before the
+    model is built or any site is contacted.
+
     After every round the server checkpoints to the state directory
     (:mod:`server.checkpoint`); started again with the same settings after a
     crash, it goes on from the last finished round under the same run key, so
     the sites' ledgers go on charging the same run.
     """
-    model = build_model(cfg.model_spec())
-    initial = trainable_arrays(model)
     strategy = FedShiftStrategy(
         aggregator=cfg.aggregator, proximal_mu=cfg.proximal_mu, server_lr=cfg.server_lr,
         max_update_norm=cfg.max_update_norm, num_classes=cfg.num_classes, on_round=on_round,
         min_train_nodes=cfg.required_sites, min_evaluate_nodes=cfg.required_sites,
         min_available_nodes=cfg.required_sites,
     )
+    model = build_model(cfg.model_spec())
+    initial = trainable_arrays(model)
     state = Path(cfg.state_dir)
     checkpoint = _start(cfg, strategy, initial, state)
     progress = PhaseReporter(cfg.num_rounds, on_phase)

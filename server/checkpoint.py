@@ -6,7 +6,9 @@ file, fsync, rename, fsync of the folder), so a crash leaves either the previous
 checkpoint or the new one; a file torn some other way is refused with
 :class:`CheckpointError`, never half read. It holds the global parameters, the
 round just finished, the run key the sites' ledgers know the run by, the
-strategy's state (history and FedAdam moments) and the shift monitor's state,
+strategy's state (history, and the aggregator's array state such as FedAdam's
+moments or FedAvgM's momentum, :mod:`server.aggregator_state`) and the shift
+monitor's state,
 plus a fingerprint of the run's settings: a checkpoint resumes only a run with
 the same settings.
 """
@@ -52,7 +54,7 @@ class Checkpoint:
     strategy: dict[str, Any] = field(default_factory=dict)
     """JSON-serialisable strategy state (its history)."""
     strategy_arrays: dict[str, np.ndarray] = field(default_factory=dict)
-    """Strategy state held in arrays (FedAdam moments)."""
+    """The aggregator's array state (:func:`server.aggregator_state.array_state`)."""
     monitor: dict[str, Any] = field(default_factory=dict)
     """JSON-serialisable shift monitor state."""
     finished: bool = False

@@ -1,4 +1,4 @@
-"""FedShiftStrategy: bounded-weight FedAvg over the trainable parameters, with per-site records.
+"""FedShiftStrategy: the run's Flower strategy behind fedshift's reply checks, with records.
 
 Every reply is parsed with the typed records of :mod:`common.messages` and checked
 (:mod:`server.reply_checks`) before anything is aggregated; a reply that fails is
@@ -41,11 +41,21 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Strategy
 
-from common.messages import PROXIMAL_MU, EvaluateReply, MessageError, TrainReply
+from common.messages import EvaluateReply, MessageError, TrainReply
+from server.aggregator_state import array_state, restore_array_state
+from server.aggregators import AggregatorSettings, get_aggregator
 from server.reply_checks import bound_weights, check_update, check_weight
 from server.site_labels import SiteLabels, addressed_node, destinations
 
@@ -97,35 +107,39 @@ def _malformed(exc: Exception) -> str:
         f"malformed reply ({type(exc).__name__}: {exc})")
 
 
-class FedShiftStrategy(FedAvg):
-    """Bounded-weight FedAvg of the trainable parameters, with FedAdam and FedProx options.
+class FedShiftStrategy(Strategy):
+    """One of Flower's strategies, fed only replies that pass fedshift's checks, with records.
 
-    Each accepted train reply is weighted by the ``weight`` it carries (1 for
-    equal weights, or a DP-noised count of the site's records), bounded: a weight
-    that is not positive is rejected, and every weight is clipped to at most
-    ``max_weight_ratio`` times the lower median weight of the round's accepted
-    replies (:func:`server.reply_checks.bound_weights`). The weighted mean is
-    computed in float64 and must be finite, else the round keeps the global
-    parameters. Evaluate replies are DP-noised confusion counts; the round's
-    evaluation is computed from their sum.
+    The wrapped strategy (the ``aggregator``, :mod:`server.aggregators`) samples
+    the sites and aggregates; this class stands between it and the sites, the
+    way Flower's own differential-privacy wrappers do. Each train reply is parsed
+    and checked first: a reply that is malformed, not finite, of the wrong names,
+    shapes or dtypes, too far from the global parameters or with a weight that is
+    not positive is dropped with its reason. The weights of the replies that pass
+    are bounded: every weight is clipped to at most ``max_weight_ratio`` times the
+    lower median weight of the round's accepted replies
+    (:func:`server.reply_checks.bound_weights`). The aggregator then gets those
+    replies' parameters in float64 with their bounded weights, and its aggregate
+    is cast back to the global parameters' dtypes; an aggregate that is not
+    finite, or an aggregator that fails, keeps the global parameters and undoes
+    the aggregator's state for the round. Evaluate replies are DP-noised confusion
+    counts; the round's evaluation is computed from their sum.
 
     Besides aggregating, it keeps a per-round history (see the module docstring)
     with every site's own train and evaluation figures, every refusal (a site over
-    its privacy budget, say) and every rejected reply, each with its reason.
+    its privacy budget, say) and every rejected reply, each with its reason, and
+    the aggregator's state between rounds for the checkpoint (:meth:`state`).
 
     Parameters
     ----------
-    aggregator : str (default: "fedavg")
-        ``fedavg``: the weighted mean of the sites' parameters.
-        ``fedadam``: that mean's difference to the current global parameters is a
-        pseudo-gradient for a server-side Adam step (Reddi et al. 2021).
-        ``fedprox``: FedAvg, with ``proximal_mu`` sent to the sites.
+    aggregator : str or FedAvg (default: "fedavg")
+        A registered aggregator's name (:data:`server.aggregators.AGGREGATORS`:
+        ``fedavg``, ``fedadam``, ``fedprox``, ``fedavgm``, ``fedmedian``, ...), or a
+        Flower array strategy to wrap as it is (then pass no sampling settings).
     proximal_mu : float (default: 0.0)
         FedProx proximal weight sent to sites as ``proximal-mu`` (``fedprox`` only).
     server_lr : float (default: 0.01)
-        FedAdam step size.
-    beta_1, beta_2, tau : float (default: 0.9, 0.99, 1e-3)
-        FedAdam moment decays and adaptivity.
+        Server learning rate of ``fedadam``, ``fedyogi`` and ``fedadagrad``.
     max_update_norm : float (default: 0.0)
         Training replies whose parameters moved further than this (L2 norm over
         all trainable parameters) from the global ones are rejected, like replies
@@ -142,41 +156,42 @@ class FedShiftStrategy(FedAvg):
     labels : SiteLabels or None (default: None)
         The node -> label map to record sites under; share it with the shift
         monitor so that both name a node alike. None: a new one.
-    **fedavg_kwargs
-        Passed to :class:`flwr.serverapp.strategy.FedAvg` (sampling fractions and
-        minimum node counts). A round whose usable updates (replies that are not
-        errors and pass the checks) number fewer than ``min_train_nodes`` keeps the
-        global parameters.
+    **sampling
+        Passed to the aggregator (sampling fractions and minimum node counts). A
+        round whose usable updates (replies that are not errors and pass the
+        checks) number fewer than ``min_train_nodes`` keeps the global parameters.
+
+    Raises
+    ------
+    AggregatorError
+        For an aggregator name that is not registered; the message lists the names.
     """
 
     def __init__(
         self,
-        aggregator: str = "fedavg",
+        aggregator: str | FedAvg = "fedavg",
         proximal_mu: float = 0.0,
         server_lr: float = 0.01,
-        beta_1: float = 0.9,
-        beta_2: float = 0.99,
-        tau: float = 1e-3,
         max_update_norm: float = 0.0,
         max_weight_ratio: float = 4.0,
         num_classes: int = 2,
         on_round: RoundCallback | None = None,
         labels: SiteLabels | None = None,
-        **fedavg_kwargs: Any,
+        **sampling: Any,
     ) -> None:
-        fedavg_kwargs.setdefault("weighted_by_key", TrainReply.WEIGHT)
-        super().__init__(**fedavg_kwargs)
-        if aggregator not in ("fedavg", "fedadam", "fedprox"):
-            raise ValueError(f"aggregator must be fedavg, fedadam or fedprox, got {aggregator!r}")
         if not (math.isfinite(max_weight_ratio) and max_weight_ratio >= 1):
             raise ValueError(f"max_weight_ratio must be a finite number >= 1, got "
                              f"{max_weight_ratio!r}")
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if isinstance(aggregator, str):
+            settings = AggregatorSettings(proximal_mu=proximal_mu, server_lr=server_lr)
+            sampling.setdefault("weighted_by_key", TrainReply.WEIGHT)
+            aggregator = get_aggregator(aggregator).build(settings, **sampling)
+        elif sampling:
+            raise ValueError("give the sampling settings to the strategy passed as aggregator, "
+                             f"not here: {', '.join(sorted(sampling))}")
         self.aggregator = aggregator
-        self.proximal_mu = proximal_mu if aggregator == "fedprox" else 0.0
-        self.server_lr = server_lr
-        self.beta_1, self.beta_2, self.tau = beta_1, beta_2, tau
         self.max_update_norm = max_update_norm
         self.max_weight_ratio = float(max_weight_ratio)
         self.num_classes = num_classes
@@ -185,14 +200,17 @@ class FedShiftStrategy(FedAvg):
         self.history: list[dict[str, Any]] = []
         self._sent_to: dict[str, int] = {}
         self._current: dict[str, np.ndarray] = {}
-        self._m: dict[str, np.ndarray] = {}
-        self._v: dict[str, np.ndarray] = {}
+
+    @property
+    def min_train_nodes(self) -> int:
+        """Usable updates a round needs to aggregate (the aggregator's minimum)."""
+        return self.aggregator.min_train_nodes
 
     def summary(self) -> None:
-        logger.info("FedShiftStrategy: aggregator %s, proximal mu %g, server lr %g, "
-                    "max weight ratio %g", self.aggregator, self.proximal_mu, self.server_lr,
+        logger.info("FedShiftStrategy: aggregator %s, max update norm %g, max weight ratio %g",
+                    type(self.aggregator).__name__, self.max_update_norm,
                     self.max_weight_ratio)
-        super().summary()
+        self.aggregator.summary()
 
     # ------------------------------------------------------------------ records
 
@@ -247,17 +265,22 @@ class FedShiftStrategy(FedAvg):
         return entry
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """What a checkpoint keeps: (history and the node -> label map, FedAdam moments)."""
-        arrays = {f"m/{k}": v for k, v in self._m.items()}
-        arrays.update({f"v/{k}": v for k, v in self._v.items()})
-        return {"history": self.history, "labels": self.labels.as_dict()}, arrays
+        """What a checkpoint keeps: (history and the node -> label map, the aggregator's
+        array state, :func:`server.aggregator_state.array_state`)."""
+        return ({"history": self.history, "labels": self.labels.as_dict()},
+                array_state(self.aggregator))
 
     def restore(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        """Take back the state :meth:`state` gave."""
+        """Take back the state :meth:`state` gave.
+
+        Raises
+        ------
+        ValueError
+            When ``arrays`` is not state of this aggregator.
+        """
+        restore_array_state(self.aggregator, arrays)
         self.history = list(state.get("history", []))
         self.labels.restore(state.get("labels", state.get("site_names", {})))
-        self._m = {k[2:]: v for k, v in arrays.items() if k.startswith("m/")}
-        self._v = {k[2:]: v for k, v in arrays.items() if k.startswith("v/")}
 
     def _answers(self, entry: dict[str, Any], server_round: int, phase: str,
                  replies: Iterable[Message]) -> Iterator[tuple[str, int, Message]]:
@@ -282,9 +305,7 @@ class FedShiftStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._current = {k: a.numpy() for k, a in arrays.items()}
-        if self.aggregator == "fedprox":
-            config[PROXIMAL_MU] = self.proximal_mu
-        return super().configure_train(server_round, arrays, config, grid)
+        return self.aggregator.configure_train(server_round, arrays, config, grid)
 
     def _parse_train(self, msg: Message) -> tuple[TrainReply | None, dict[str, np.ndarray],
                                                   str | None]:
@@ -300,7 +321,7 @@ class FedShiftStrategy(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         entry = self._entry(server_round)
-        accepted: list[tuple[str, float, dict[str, np.ndarray], dict[str, float]]] = []
+        accepted: list[tuple[str, int, float, dict[str, np.ndarray], dict[str, float]]] = []
         for label, node, msg in self._answers(entry, server_round, "train", replies):
             reply, update, reason = self._parse_train(msg)
             if reply is None or reason is not None:
@@ -313,27 +334,54 @@ class FedShiftStrategy(FedAvg):
                 self._reject(entry, label, server_round, "train", check.reason)
                 continue
             site["update_norm"] = check.norm
-            accepted.append((label, reply.weight, update, reply.extras))
+            accepted.append((label, node, reply.weight, update, reply.extras))
         entry["train"] = {}
         if not accepted or len(accepted) < self.min_train_nodes:
             return self._keep(entry, server_round, f"{len(accepted)} usable update(s), "
                               f"min-sites is {self.min_train_nodes}")
-        weights = bound_weights([w for _, w, _, _ in accepted], self.max_weight_ratio)
-        for (label, _, _, _), weight in zip(accepted, weights, strict=True):
+        weights = bound_weights([w for _, _, w, _, _ in accepted], self.max_weight_ratio)
+        for (label, *_), weight in zip(accepted, weights, strict=True):
             entry["sites"][label]["aggregation_weight"] = float(weight)
-        mean = self._weighted_mean([u for _, _, u, _ in accepted], weights)
-        moments = None
-        if self.aggregator == "fedadam":
-            mean, moments = self._adam_step(mean)
-        bad = sorted(k for k, v in mean.items() if not np.all(np.isfinite(v)))
-        if bad:
-            return self._keep(entry, server_round, f"the aggregate is not finite in {bad[:3]}")
-        if moments is not None:
-            self._m, self._v = moments
-        metrics = _mean_extras(e for _, _, _, e in accepted)
+        aggregate, reason = self._aggregate(server_round, [
+            self._checked_reply(node, update, weight)
+            for (_, node, _, update, _), weight in zip(accepted, weights, strict=True)])
+        if aggregate is None:
+            return self._keep(entry, server_round, reason)
+        metrics = _mean_extras(e for *_, e in accepted)
         entry["train"] = metrics
-        return (ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in mean.items()}),
-                MetricRecord(metrics))
+        return aggregate, MetricRecord(metrics)
+
+    def _checked_reply(self, node: int, update: dict[str, np.ndarray], weight: float
+                       ) -> Message:
+        """A reply for the aggregator: only the checked parameters, in float64, and the
+        bounded weight under the aggregator's weight key."""
+        arrays = ArrayRecord({k: Array(update[k].astype(np.float64)) for k in self._current})
+        content = RecordDict({self.aggregator.arrayrecord_key: arrays,
+                              "metrics": MetricRecord({self.aggregator.weighted_by_key: weight})})
+        return Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
+
+    def _aggregate(self, server_round: int, replies: list[Message]
+                   ) -> tuple[ArrayRecord | None, str]:
+        """The aggregator's aggregate in the global parameters' dtypes, or None and why;
+        with None, the aggregator's state is as it was before."""
+        name = type(self.aggregator).__name__
+        before = array_state(self.aggregator)
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                aggregated, _ = self.aggregator.aggregate_train(server_round, replies)
+                out = None if aggregated is None else {
+                    k: aggregated[k].numpy().astype(ref.dtype) for k, ref in self._current.items()}
+        except Exception as exc:  # Flower's aggregation errors, whichever they are
+            out, reason = None, f"{name} could not aggregate ({type(exc).__name__}: {exc})"
+        else:
+            reason = f"{name} aggregated nothing"
+        if out is not None:
+            bad = sorted(k for k, v in out.items() if not np.all(np.isfinite(v)))
+            if not bad:
+                return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in out.items()}), ""
+            reason = f"the aggregate is not finite in {bad[:3]}"
+        restore_array_state(self.aggregator, before)
+        return None, reason
 
     def _keep(self, entry: dict[str, Any], server_round: int, reason: str
               ) -> tuple[None, None]:
@@ -341,35 +389,10 @@ class FedShiftStrategy(FedAvg):
         logger.warning("round %d: keeping the global parameters: %s", server_round, reason)
         return None, None
 
-    def _weighted_mean(self, updates: list[dict[str, np.ndarray]], weights: np.ndarray
-                       ) -> dict[str, np.ndarray]:
-        """The weighted mean of ``updates`` in float64, in the global parameters' dtypes."""
-        factors = weights / weights.sum()
-        out = {}
-        with np.errstate(over="ignore", invalid="ignore"):
-            for key, ref in self._current.items():
-                total = np.zeros(ref.shape, dtype=np.float64)
-                for update, factor in zip(updates, factors, strict=True):
-                    total += factor * update[key].astype(np.float64)
-                out[key] = total.astype(ref.dtype)
-        return out
-
-    def _adam_step(self, mean: dict[str, np.ndarray]
-                   ) -> tuple[dict[str, np.ndarray],
-                              tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
-        """The Adam step towards ``mean`` and the new moments (not yet kept)."""
-        updated, ms, vs = {}, {}, {}
-        with np.errstate(over="ignore", invalid="ignore"):
-            for key, avg in mean.items():
-                delta = avg - self._current[key]
-                m = (self.beta_1 * self._m.get(key, np.zeros_like(delta))
-                     + (1 - self.beta_1) * delta)
-                v = (self.beta_2 * self._v.get(key, np.zeros_like(delta))
-                     + (1 - self.beta_2) * delta**2)
-                ms[key], vs[key] = m, v
-                updated[key] = (self._current[key] + self.server_lr * m / (np.sqrt(v) + self.tau)
-                                ).astype(avg.dtype)
-        return updated, (ms, vs)
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.aggregator.configure_evaluate(server_round, arrays, config, grid)
 
     # ---------------------------------------------------------------- evaluation
 

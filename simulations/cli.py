@@ -16,7 +16,6 @@ from client.release_policy import SitePolicy
 from client.site_cli import add_site_parser, run_site_command
 from common.backbones import BACKBONES, BackboneError
 from common.federation_config import (
-    AGGREGATORS,
     NONPRIVATE_RECIPE,
     ConfigError,
     FederationConfig,
@@ -28,6 +27,7 @@ from common.image_datasets import (
 )
 from common.medmnist_files import DataFileError, ImageSplits
 from common.transfer_mode import MODES_HELP
+from server.aggregators import AGGREGATORS
 from server.credentials_cli import add_credentials_parser, run_credentials
 from server.dev_credentials import CredentialsExistError
 from simulations.report_command import add_report_parser, run_report
@@ -98,7 +98,11 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                    help="privacy budget per site for the whole run")
     p.add_argument("--delta", type=float, default=DEFAULTS.delta)
     p.add_argument("--no-dp", action="store_true", help="non-private reference run")
-    p.add_argument("--aggregator", default=DEFAULTS.aggregator, choices=AGGREGATORS)
+    p.add_argument("--aggregator", default=DEFAULTS.aggregator, choices=sorted(AGGREGATORS),
+                   metavar="NAME",
+                   help="server aggregation, one of Flower's strategies behind fedshift's "
+                        "reply checks: " + "; ".join(
+                            f"{a.name}: {a.summary}" for _, a in sorted(AGGREGATORS.items())))
     p.add_argument("--proximal-mu", type=float, default=DEFAULTS.proximal_mu)
     p.add_argument("--server-lr", type=float, default=DEFAULTS.server_lr)
     p.add_argument("--max-update-norm", type=float, default=DEFAULTS.max_update_norm,

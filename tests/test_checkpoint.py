@@ -136,6 +136,40 @@ def test_a_crashed_run_resumes_from_its_last_round_under_the_same_run_key(
 
 
 @pytest.mark.usefixtures("server_identity")
+@pytest.mark.parametrize("aggregator", ["fedadam", "fedavgm"])
+def test_a_resumed_run_with_server_optimiser_state_ends_as_an_uninterrupted_one(
+        cfg: FederationConfig, aggregator: str) -> None:
+    cfg = cfg.replace(aggregator=aggregator, server_lr=0.1)
+    whole = cfg.replace(state_dir=cfg.state_dir + "-whole")
+    run_federation(TrainingGrid(), whole)
+    with pytest.raises(Crash):
+        run_federation(TrainingGrid(crash_at_round=3), cfg)
+    saved = load_checkpoint(Path(cfg.state_dir) / CHECKPOINT_FILE,
+                            config_fingerprint(cfg.to_flower()))
+    assert saved is not None and saved.strategy_arrays  # the moments or the momentum
+    run_federation(TrainingGrid(), cfg)
+    resumed = load_arrays(Path(cfg.state_dir) / FINAL_ARRAYS_FILE)
+    uninterrupted = load_arrays(Path(whole.state_dir) / FINAL_ARRAYS_FILE)
+    for name, array in uninterrupted.items():
+        np.testing.assert_array_equal(resumed[name].numpy(), array.numpy())
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_a_checkpoint_with_state_of_another_format_is_refused_with_what_to_do(
+        cfg: FederationConfig) -> None:
+    cfg = cfg.replace(aggregator="fedadam")
+    with pytest.raises(Crash):
+        run_federation(TrainingGrid(crash_at_round=3), cfg)
+    path = Path(cfg.state_dir) / CHECKPOINT_FILE
+    saved = load_checkpoint(path, config_fingerprint(cfg.to_flower()))
+    assert saved is not None
+    saved.strategy_arrays = {"m/head.weight": np.zeros(3)}  # as fedshift wrote FedAdam's before
+    save_checkpoint(path, saved)
+    with pytest.raises(CheckpointError, match=r"aggregator state.*Move it out of the state-dir"):
+        run_federation(TrainingGrid(), cfg)
+
+
+@pytest.mark.usefixtures("server_identity")
 def test_a_finished_run_is_not_resumed_a_new_one_starts(cfg: FederationConfig) -> None:
     first = TrainingGrid()
     run_federation(first, cfg)

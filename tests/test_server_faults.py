@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from common.federation_config import FederationConfig
+from server.aggregators import AggregatorError
 from server.app import run_federation
 from server.run_records import FINAL_ARRAYS_FILE, HISTORY_FILE, load_arrays
 from tests.fake_grids import CONFUSION, STEP, TrainingGrid
@@ -75,3 +76,11 @@ def test_only_the_last_evaluations_rounds_evaluate_from_the_summed_confusion_cou
     assert rounds[2]["sites"]["site-3"]["evaluate"]["balanced_accuracy"] == pytest.approx(0.75)
     assert rounds[2]["sites"]["site-2"]["node"] == 2
     assert rounds[0]["train"] == {"compute-seconds": 0.5}
+
+
+def test_an_unknown_aggregator_stops_the_run_before_any_site_is_asked(tmp_path: Path) -> None:
+    grid = TrainingGrid()
+    with pytest.raises(AggregatorError, match=r"unknown aggregator 'median'; choose one of: .*"
+                       "fedmedian"):
+        run_federation(grid, _cfg(tmp_path, min_sites=1).replace(aggregator="median"))
+    assert grid.pushed == 0
