@@ -114,7 +114,7 @@ class FederationConfig:
     proximal_mu : float (default: 0.01)
         FedProx proximal weight (``fedprox`` only).
     server_lr : float (default: 0.01)
-        FedAdam server learning rate (``fedadam`` only).
+        Server learning rate of ``fedadam``, ``fedyogi`` and ``fedadagrad`` (Flower's ``eta``).
     min_sites : int (default: 0)
         Sites that must be connected for a round to start and must answer for it to
         aggregate; 0 means all ``num_sites``. Below ``num_sites`` the federation goes
@@ -266,9 +266,6 @@ class FederationConfig:
              f"epsilon must be a finite number > 0 (a privacy budget), got {self.epsilon}; "
              "for a non-private run turn DP off (--no-dp)"),
             (0 < self.delta < 1, f"delta must lie in (0, 1), got {self.delta}"),
-            (bool(self.aggregator.strip()),
-             "aggregator must name a server aggregator (fedavg, fedadam, fedprox, ...), "
-             "got an empty string"),
             (self.proximal_mu >= 0, f"proximal-mu must be >= 0, got {self.proximal_mu}"),
             (self.server_lr > 0, f"server-lr must be > 0, got {self.server_lr}"),
             (self.moment_noise > 0, f"moment-noise must be > 0, got {self.moment_noise}"),
