@@ -29,6 +29,7 @@ from server.checkpoint import (
     save_checkpoint,
 )
 from server.phase_progress import PhaseCallback, PhaseReporter
+from server.round_history import RoundCallback, RoundHistory
 from server.run_records import (
     FINAL_ARRAYS_FILE,
     HISTORY_FILE,
@@ -38,7 +39,7 @@ from server.run_records import (
 )
 from server.shift_monitor import ShiftMonitor
 from server.site_connection import wait_for_sites
-from server.strategy import FedShiftStrategy, RoundCallback
+from server.strategy import FedShiftStrategy
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +66,12 @@ def _start(cfg: FederationConfig, strategy: FedShiftStrategy, initial: ArrayReco
                       arrays=initial)
 
 
-def _phase(grid: Grid, strategy: FedShiftStrategy, progress: PhaseReporter, phase: str,
+def _phase(grid: Grid, rounds: RoundHistory, progress: PhaseReporter, phase: str,
            server_round: int, messages: Iterable[Message], timeout: float) -> list[Message]:
     sent = list(messages)
     replies, seconds = progress.exchange(grid, sent, timeout, server_round, phase)
-    strategy.record_seconds(server_round, phase, seconds)
-    strategy.record_missing(server_round, phase, sent, replies)
+    rounds.record_seconds(server_round, phase, seconds)
+    rounds.record_missing(server_round, phase, sent, replies)
     return replies
 
 
@@ -84,17 +85,18 @@ def _round(grid: Grid, cfg: FederationConfig, strategy: FedShiftStrategy,
     (:func:`server.site_connection.wait_for_sites`); Flower's own wait has no bound."""
     request = Request(server_round=server_round, run_key=run_key)
     wait_for_sites(grid, cfg)
-    replies = _phase(grid, strategy, progress, "train", server_round, strategy.configure_train(
+    rounds = strategy.rounds
+    replies = _phase(grid, rounds, progress, "train", server_round, strategy.configure_train(
         server_round, arrays, request.to_config(), grid), cfg.round_timeout)
     aggregated, _ = strategy.aggregate_train(server_round, replies)
     arrays = aggregated if aggregated is not None else arrays
     if cfg.evaluates(server_round):
         wait_for_sites(grid, cfg)
-        replies = _phase(grid, strategy, progress, "evaluate", server_round,
+        replies = _phase(grid, rounds, progress, "evaluate", server_round,
                          strategy.configure_evaluate(server_round, arrays, request.to_config(),
                                                      grid), cfg.round_timeout)
         strategy.aggregate_evaluate(server_round, replies)
-    strategy.end_round(server_round)
+    rounds.end_round(server_round)
     return arrays
 
 
@@ -134,7 +136,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round: RoundCallback | 
     if cfg.shift and cfg.dp:
         layout = moment_layout(model, cfg.moment_layers, cfg.moment_clip)
         monitor = ShiftMonitor(grid, layout, cfg.num_classes, timeout=cfg.round_timeout,
-                               run_key=checkpoint.run_key, labels=strategy.labels,
+                               run_key=checkpoint.run_key, labels=strategy.rounds.labels,
                                progress=progress)
         if checkpoint.monitor:
             monitor.restore(checkpoint.monitor)
@@ -160,7 +162,7 @@ def run_federation(grid: Grid, cfg: FederationConfig, on_round: RoundCallback | 
         "trainable_parameters": sum(a.numpy().size for a in initial.values()),
         "bytes_per_round_per_site": record_bytes(initial),
         "full_model_bytes": full_model_bytes(model),
-        "rounds": strategy.history,
+        "rounds": strategy.rounds.entries,
     })
     checkpoint.finished = True
     save_checkpoint(state / CHECKPOINT_FILE, checkpoint)

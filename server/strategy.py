@@ -5,39 +5,16 @@ Every reply is parsed with the typed records of :mod:`common.messages` and check
 dropped with its reason in the round's history, and the round goes on with the
 others. The strategy never raises on what a site sends.
 
-History
--------
-:attr:`FedShiftStrategy.history` holds one entry per round::
-
-    {"round": int,
-     "train": {extra: mean over the accepted replies that carry it},
-     "evaluate": {"accuracy", "balanced_accuracy", "noise_std", "confusion", "sites",
-                  extra: mean over the replies that carry it} or {},
-     "sites": {label: {"node": node id,
-                       "train": {"weight": as reported, extra: value},
-                       "update_norm": float, "aggregation_weight": float (bounded),
-                       "evaluate": {"accuracy", "balanced_accuracy", "noise_std",
-                                    "confusion", extra: value}}},
-     "refused": {"<label> (<phase>)": reason},   # error replies (a site's refusal)
-     "rejected": {label: reason,                 # train replies dropped by the server
-                  "<label> (evaluate)": reason}, # evaluate replies dropped
-     "missing": {phase: [label, ...]},
-     "seconds": {phase: server wall time},
-     "kept_global": reason or None}              # why the round kept the global parameters
-
-``label`` is the site's name, unless another node holds it
-(:mod:`server.site_labels`). ``extra`` are the named non-DP releases a site's
-configuration allows (``train-loss``, ``compute-seconds``, ... see
-:data:`common.messages.NON_DP_RELEASES`); an evaluate extra named like a metric
-the server derives from the confusion counts (``accuracy``,
-``balanced_accuracy``) is kept as ``reported-<name>``.
+Each reply, accepted or not, is recorded in the run's round history
+(:class:`server.round_history.RoundHistory`), as is every round the strategy
+keeps the global parameters in and why.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -57,11 +34,10 @@ from common.messages import EvaluateReply, MessageError, TrainReply
 from server.aggregator_state import array_state, restore_array_state
 from server.aggregators import AggregatorSettings, get_aggregator
 from server.reply_checks import bound_weights, check_update, check_weight
-from server.site_labels import SiteLabels, addressed_node, destinations
+from server.round_history import RoundCallback, RoundHistory
+from server.site_labels import SiteLabels
 
 logger = logging.getLogger(__name__)
-
-RoundCallback = Callable[[dict[str, Any]], None]
 
 DERIVED_EVALUATE = ("accuracy", "balanced_accuracy", "noise_std", "confusion", "sites")
 """Evaluate metrics the server derives from the confusion counts (a site's extra of
@@ -125,10 +101,11 @@ class FedShiftStrategy(Strategy):
     the aggregator's state for the round. Evaluate replies are DP-noised confusion
     counts; the round's evaluation is computed from their sum.
 
-    Besides aggregating, it keeps a per-round history (see the module docstring)
-    with every site's own train and evaluation figures, every refusal (a site over
-    its privacy budget, say) and every rejected reply, each with its reason, and
-    the aggregator's state between rounds for the checkpoint (:meth:`state`).
+    Besides aggregating, it records in :attr:`rounds` (a
+    :class:`server.round_history.RoundHistory`) every site's own train and
+    evaluation figures, every refusal (a site over its privacy budget, say) and
+    every rejected reply, each with its reason; :meth:`state` gives that history
+    and the aggregator's state between rounds to the checkpoint.
 
     Parameters
     ----------
@@ -152,7 +129,8 @@ class FedShiftStrategy(Strategy):
     num_classes : int (default: 2)
         Classes of the task: the size of the confusion matrices evaluate replies carry.
     on_round : callable or None (default: None)
-        Called with each round's history entry by :meth:`end_round`.
+        Called with each round's history entry as the round ends
+        (:meth:`server.round_history.RoundHistory.end_round`).
     labels : SiteLabels or None (default: None)
         The node -> label map to record sites under; share it with the shift
         monitor so that both name a node alike. None: a new one.
@@ -195,10 +173,7 @@ class FedShiftStrategy(Strategy):
         self.max_update_norm = max_update_norm
         self.max_weight_ratio = float(max_weight_ratio)
         self.num_classes = num_classes
-        self.on_round = on_round
-        self.labels = labels if labels is not None else SiteLabels()
-        self.history: list[dict[str, Any]] = []
-        self._sent_to: dict[str, int] = {}
+        self.rounds = RoundHistory(labels, on_round)
         self._current: dict[str, np.ndarray] = {}
 
     @property
@@ -212,63 +187,20 @@ class FedShiftStrategy(Strategy):
                     self.max_weight_ratio)
         self.aggregator.summary()
 
-    # ------------------------------------------------------------------ records
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The round history's entries."""
+        return self.rounds.entries
 
-    def _entry(self, server_round: int) -> dict[str, Any]:
-        if not self.history or self.history[-1]["round"] != server_round:
-            self.history.append({"round": server_round, "train": {}, "evaluate": {},
-                                 "sites": {}, "refused": {}, "rejected": {}, "missing": {},
-                                 "seconds": {}, "kept_global": None})
-        return self.history[-1]
-
-    def record_seconds(self, server_round: int, phase: str, seconds: float) -> None:
-        """Note the wall time the server spent waiting for ``phase``'s replies."""
-        self._entry(server_round)["seconds"][phase] = seconds
-
-    def _who(self, msg: Message) -> tuple[str, int]:
-        """The label and node id of the node a reply is about; an error the SuperLink
-        wrote for an unreachable node is about the node the request went to."""
-        node = addressed_node(msg, self._sent_to)
-        return self.labels.reply_label(msg, node), node
-
-    @staticmethod
-    def _site(entry: dict[str, Any], label: str, node: int) -> dict[str, Any]:
-        return entry["sites"].setdefault(label, {"node": node})
-
-    @staticmethod
-    def _reject(entry: dict[str, Any], key: str, server_round: int, phase: str,
-                reason: str) -> None:
-        entry["rejected"][key] = reason
-        logger.warning("round %d: rejected %s's %s reply: %s", server_round, key.split(" (")[0],
-                       phase, reason)
-
-    def record_missing(self, server_round: int, phase: str, sent: Iterable[Message],
-                       replies: Iterable[Message]) -> list[str]:
-        """Note the sites that were sent ``phase`` work but did not answer in time
-        (or for which the SuperLink answered that the node is unavailable)."""
-        sent = list(sent)
-        self._sent_to = destinations(sent)
-        answered = {m.metadata.src_node_id for m in replies}
-        missing = [self.labels.known(m.metadata.dst_node_id)
-                   for m in sent if m.metadata.dst_node_id not in answered]
-        if missing:
-            self._entry(server_round)["missing"][phase] = missing
-            logger.warning("round %d %s: no reply from %s; going on without them",
-                           server_round, phase, ", ".join(missing))
-        return missing
-
-    def end_round(self, server_round: int) -> dict[str, Any]:
-        """Close ``server_round``'s history entry: hand it to ``on_round`` and return it."""
-        entry = self._entry(server_round)
-        if self.on_round is not None:
-            self.on_round(entry)
-        return entry
+    @property
+    def labels(self) -> SiteLabels:
+        """The node -> label map the round history records sites under."""
+        return self.rounds.labels
 
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """What a checkpoint keeps: (history and the node -> label map, the aggregator's
         array state, :func:`server.aggregator_state.array_state`)."""
-        return ({"history": self.history, "labels": self.labels.as_dict()},
-                array_state(self.aggregator))
+        return self.rounds.state(), array_state(self.aggregator)
 
     def restore(self, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         """Take back the state :meth:`state` gave.
@@ -279,8 +211,7 @@ class FedShiftStrategy(Strategy):
             When ``arrays`` is not state of this aggregator.
         """
         restore_array_state(self.aggregator, arrays)
-        self.history = list(state.get("history", []))
-        self.labels.restore(state.get("labels", state.get("site_names", {})))
+        self.rounds.restore(state)
 
     def _answers(self, entry: dict[str, Any], server_round: int, phase: str,
                  replies: Iterable[Message]) -> Iterator[tuple[str, int, Message]]:
@@ -289,11 +220,11 @@ class FedShiftStrategy(Strategy):
         seen: set[int] = set()
         tag = "" if phase == "train" else f"{phase}, "
         for msg in replies:
-            label, node = self._who(msg)
+            label, node = self.rounds.who(msg)
             if msg.has_error():
                 entry["refused"][f"{label} ({phase})"] = msg.error.reason
             elif node in seen:
-                self._reject(entry, f"{label} ({tag}duplicate)", server_round, phase,
+                self.rounds.reject(entry, f"{label} ({tag}duplicate)", server_round, phase,
                              f"a second {phase} reply from the same node in one round")
             else:
                 seen.add(node)
@@ -320,18 +251,18 @@ class FedShiftStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        entry = self._entry(server_round)
+        entry = self.rounds.entry(server_round)
         accepted: list[tuple[str, int, float, dict[str, np.ndarray], dict[str, float]]] = []
         for label, node, msg in self._answers(entry, server_round, "train", replies):
             reply, update, reason = self._parse_train(msg)
             if reply is None or reason is not None:
-                self._reject(entry, label, server_round, "train", reason or "unparsed")
+                self.rounds.reject(entry, label, server_round, "train", reason or "unparsed")
                 continue
-            site = self._site(entry, label, node)
+            site = self.rounds.site(entry, label, node)
             site["train"] = {"weight": reply.weight, **reply.extras}
             check = check_update(update, self._current, self.max_update_norm)
             if check.reason is not None:
-                self._reject(entry, label, server_round, "train", check.reason)
+                self.rounds.reject(entry, label, server_round, "train", check.reason)
                 continue
             site["update_norm"] = check.norm
             accepted.append((label, node, reply.weight, update, reply.extras))
@@ -406,16 +337,16 @@ class FedShiftStrategy(Strategy):
         ``noise_std`` the noise standard deviation of each cell of the sum (the
         square root of the sum of the sites' variances).
         """
-        entry = self._entry(server_round)
+        entry = self.rounds.entry(server_round)
         accepted: list[EvaluateReply] = []
         for label, node, msg in self._answers(entry, server_round, "evaluate", replies):
             try:
                 reply = EvaluateReply.parse(msg, self.num_classes)
             except Exception as exc:  # a site's reply must never end the run
-                self._reject(entry, f"{label} (evaluate)", server_round, "evaluate",
+                self.rounds.reject(entry, f"{label} (evaluate)", server_round, "evaluate",
                              _malformed(exc))
                 continue
-            self._site(entry, label, node)["evaluate"] = {
+            self.rounds.site(entry, label, node)["evaluate"] = {
                 **confusion_metrics(reply.confusion, reply.noise_std),
                 **_evaluate_extras(reply.extras)}
             accepted.append(reply)

@@ -315,7 +315,7 @@ def test_missing_sites_are_named_from_earlier_replies() -> None:
     strategy.aggregate_train(1, [_reply(1, "a", 1.0, 1.0), _reply(2, "b", 1.0, 1.0)])
     sent = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.TRAIN)
             for n in (1, 2, 7)]
-    missing = strategy.record_missing(2, "train", sent, [_reply(1, "a", 1.0, 1.0)])
+    missing = strategy.rounds.record_missing(2, "train", sent, [_reply(1, "a", 1.0, 1.0)])
     assert missing == ["b", "node-7"]
     assert strategy.history[-1]["missing"] == {"train": ["b", "node-7"]}
 
@@ -384,5 +384,5 @@ def test_end_round_hands_the_entry_to_on_round() -> None:
     seen: list[int] = []
     strategy = _strategy(on_round=lambda entry: seen.append(entry["round"]))
     strategy.aggregate_train(1, [_reply(1, "a", 1.0, 1.0)])
-    strategy.end_round(1)
+    strategy.rounds.end_round(1)
     assert seen == [1]
