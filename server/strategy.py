@@ -225,7 +225,7 @@ class FedShiftStrategy(Strategy):
                 entry["refused"][f"{label} ({phase})"] = msg.error.reason
             elif node in seen:
                 self.rounds.reject(entry, f"{label} ({tag}duplicate)", server_round, phase,
-                             f"a second {phase} reply from the same node in one round")
+                                   f"a second {phase} reply from the same node in one round")
             else:
                 seen.add(node)
                 yield label, node, msg
@@ -344,7 +344,7 @@ class FedShiftStrategy(Strategy):
                 reply = EvaluateReply.parse(msg, self.num_classes)
             except Exception as exc:  # a site's reply must never end the run
                 self.rounds.reject(entry, f"{label} (evaluate)", server_round, "evaluate",
-                             _malformed(exc))
+                                   _malformed(exc))
                 continue
             self.rounds.site(entry, label, node)["evaluate"] = {
                 **confusion_metrics(reply.confusion, reply.noise_std),
