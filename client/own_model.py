@@ -16,18 +16,14 @@ the site's operating point go out only where its policy releases them by name.
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
-from typing import BinaryIO
 
-import numpy as np
-from flwr.app import Array, ArrayRecord
 from torch import nn
 
 from client.local_training import LocalTrainingConfig, train_locally
 from client.site_runtime import SiteRuntime
-from common.atomic_files import atomic_write
+from common.atomic_files import load_arrays, save_arrays
 from common.federation_config import NONPRIVATE_RECIPE
 from common.model_blend import BlendChoice, BlendedModel, choose_blend
 from common.model_surgery import FedShiftModel, build_model
@@ -45,22 +41,6 @@ two epochs)."""
 def own_model_path(site_dir: Path, site: str, run_key: str) -> Path:
     """Where ``site`` keeps its own model for run ``run_key``."""
     return site_dir / OWN_MODEL_DIR / f"{site}-{run_key}.npz"
-
-
-def _save(path: Path, arrays: ArrayRecord) -> None:
-    payload = {name: array.numpy() for name, array in arrays.items()}
-
-    def write(fh: BinaryIO) -> None:
-        buffer = io.BytesIO()
-        np.savez(buffer, **payload)
-        fh.write(buffer.getvalue())
-
-    atomic_write(path, write, mode=0o600)
-
-
-def _load(path: Path) -> ArrayRecord:
-    with np.load(path) as saved:
-        return ArrayRecord({name: Array(saved[name]) for name in saved.files})
 
 
 def train_own_model(site: SiteRuntime, epochs: int) -> FedShiftModel:
@@ -83,14 +63,14 @@ def own_model(site: SiteRuntime) -> FedShiftModel:
     path = own_model_path(site.files_dir, site.name, site.run_key)
     if path.exists():
         model = build_model(site.cfg.model_spec())
-        load_trainable_arrays(model, _load(path))
+        load_trainable_arrays(model, load_arrays(path))
         return model
     epochs = site.policy.own_model_epochs
     logger.info("%s: training its own model (%d epochs on %d images, no DP: it never "
                 "leaves the site) to compare with the federated one", site.name, epochs,
                 len(site.data.labels["train"]))
     model = train_own_model(site, epochs)
-    _save(path, trainable_arrays(model))
+    save_arrays(path, trainable_arrays(model), mode=0o600)
     return model
 
 

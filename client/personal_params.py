@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from common.atomic_files import load_arrays, save_arrays
 from common.frozen_batchnorm import ChannelAffine
 from common.model_surgery import FedShiftModel
-from server.run_records import load_arrays, save_arrays
 
 PERSONAL_DIR = "personal"
 
@@ -53,9 +53,10 @@ def apply_personal(model: FedShiftModel, path: Path) -> bool:
 
 
 def save_personal(model: FedShiftModel, path: Path) -> None:
-    """Save the model's scale/shift as the site's personal parameters (atomically)."""
+    """Save the model's scale/shift as the site's personal parameters (atomically; only the
+    site's account may read them, as its other files)."""
     params = dict(model.named_parameters())
     save_arrays(path, ArrayRecord({
         name: Array(params[name].detach().cpu().float().numpy().copy())
         for name in personal_names(model)
-    }))
+    }), mode=0o600)

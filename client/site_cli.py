@@ -93,7 +93,7 @@ def add_site_parser(sub: argparse._SubParsersAction) -> None:
         The subparsers of the ``fedshift`` parser.
     """
     p = sub.add_parser(
-        "site", help="check, run or install a hospital site (a Flower SuperNode)",
+        "site",
         description="Run a hospital site from its TOML file (see client/site.example.toml).",
     )
     site_sub = p.add_subparsers(dest="site_command", required=True)
@@ -252,7 +252,7 @@ def _systemd_quote(arg: str) -> str:
 def systemd_unit(config: SiteConfig) -> str:
     """A systemd service running ``fedshift site run`` on ``config``'s file."""
     fedshift = _executable("fedshift")
-    program = [fedshift] if fedshift else [sys.executable, "-m", "simulations.cli"]
+    program = [fedshift] if fedshift else [sys.executable, "-m", "fedshift_cli"]
     exec_start = " ".join(_systemd_quote(a) for a in
                           [*program, "site", "run", str(config.source)])
     return UNIT_TEMPLATE.format(

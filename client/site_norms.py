@@ -10,13 +10,9 @@ no reply ever carries them.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
-from typing import BinaryIO
 
-import numpy as np
-
-from common.atomic_files import atomic_write
+from common.atomic_files import load_npz, save_npz
 from common.norm_adaptation import NormStatistics
 
 NORMS_DIR = "adapted-norms"
@@ -29,22 +25,15 @@ def norms_path(site_dir: Path, site: str, run_key: str) -> Path:
 
 def save_statistics(path: Path, statistics: dict[str, NormStatistics]) -> None:
     """Write ``statistics`` (layer name -> statistics) to ``path`` atomically, owner-only."""
-    arrays = {f"{name}.{part}": getattr(stats, part)
-              for name, stats in statistics.items() for part in ("mean", "var")}
-
-    def write(fh: BinaryIO) -> None:
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        fh.write(buffer.getvalue())
-
-    atomic_write(path, write, mode=0o600)
+    save_npz(path, {f"{name}.{part}": getattr(stats, part)
+                    for name, stats in statistics.items() for part in ("mean", "var")},
+             mode=0o600)
 
 
 def load_statistics(path: Path) -> dict[str, NormStatistics] | None:
     """The statistics saved at ``path`` (layer name -> statistics); None if there are none."""
     if not path.exists():
         return None
-    with np.load(path) as saved:
-        names = sorted({key.rpartition(".")[0] for key in saved.files})
-        return {name: NormStatistics(saved[f"{name}.mean"], saved[f"{name}.var"])
-                for name in names}
+    saved = load_npz(path)
+    names = sorted({key.rpartition(".")[0] for key in saved})
+    return {name: NormStatistics(saved[f"{name}.mean"], saved[f"{name}.var"]) for name in names}

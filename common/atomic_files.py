@@ -14,17 +14,28 @@ parameters, privacy ledgers, downloaded data) is written through
 On any exception, ``KeyboardInterrupt`` included, the temporary file is removed
 and the exception re-raised; the target keeps its previous content (or stays
 absent). Readers never see a partly written file under the target's name.
+
+Named arrays (final parameters, a site's own model, its personal scale/shift, its
+adapted normalisation statistics) are kept as uncompressed npz files keyed by
+name: :func:`save_npz` writes one this way and :func:`load_npz` reads it back;
+:func:`save_arrays` and :func:`load_arrays` do the same for a Flower ArrayRecord.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "fsync_directory"]
+import numpy as np
+from flwr.app import Array, ArrayRecord
+
+__all__ = [
+    "atomic_write", "atomic_write_bytes", "atomic_write_text", "fsync_directory",
+    "load_arrays", "load_npz", "save_arrays", "save_npz",
+]
 
 
 def fsync_directory(directory: Path) -> None:
@@ -78,3 +89,27 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
 def atomic_write_text(path: Path, text: str, mode: int = 0o644, encoding: str = "utf-8") -> None:
     """Write ``text`` to ``path`` atomically and durably (see :func:`atomic_write`)."""
     atomic_write_bytes(path, text.encode(encoding), mode)
+
+
+def save_npz(path: Path, arrays: Mapping[str, np.ndarray], mode: int = 0o644) -> None:
+    """Write ``arrays`` (name -> array) to ``path`` as an uncompressed npz file, atomically
+    and durably (see :func:`atomic_write`; ``mode`` 0o600 for a site's own files)."""
+    atomic_write(path, lambda fh: np.savez(fh, **arrays), mode)
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays (name -> array) of the npz file at ``path``, as :func:`save_npz` wrote
+    them. Pickled objects are refused."""
+    with np.load(path, allow_pickle=False) as saved:
+        return {name: saved[name] for name in saved.files}
+
+
+def save_arrays(path: Path, arrays: ArrayRecord, mode: int = 0o644) -> None:
+    """Write a Flower ArrayRecord to ``path`` as an npz file keyed by array name
+    (:func:`save_npz`)."""
+    save_npz(path, {name: array.numpy() for name, array in arrays.items()}, mode)
+
+
+def load_arrays(path: Path) -> ArrayRecord:
+    """The ArrayRecord :func:`save_arrays` wrote to ``path``."""
+    return ArrayRecord({name: Array(array) for name, array in load_npz(path).items()})

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from server.dev_credentials import make_credentials
+from server.dev_credentials import CredentialsExistError, make_credentials
 
 
 def add_credentials_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the ``credentials`` subcommand on the ``fedshift`` parser's subparsers."""
     p = sub.add_parser(
-        "credentials", help="make a development CA, SuperLink certificate and site key pairs",
+        "credentials",
         description="Write a self-signed CA, a SuperLink TLS certificate signed by it and an "
                     "EC P-384 key pair per site into DIR. For trying fedshift out: in "
                     "production, certificates come from the hospital's own PKI.",
@@ -27,7 +29,13 @@ def add_credentials_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_credentials(args: argparse.Namespace) -> int:
-    creds = make_credentials(args.dir, args.sites, args.hosts, args.days)
+    """Write the credentials and print where each went; 2, saying why, when a file it
+    would write is already there (it is kept)."""
+    try:
+        creds = make_credentials(args.dir, args.sites, args.hosts, args.days)
+    except CredentialsExistError as exc:
+        print(f"fedshift: error: {exc}", file=sys.stderr)
+        return 2
     print(f"CA certificate (give to every site):   {creds.ca_certificate}")
     print(f"SuperLink certificate and key:         {creds.server_certificate}, "
           f"{creds.server_key}")

@@ -1,4 +1,9 @@
-"""What the server keeps of a run: its history (JSON) and final parameters (npz)."""
+"""What the server keeps of a run: its history (JSON) and final parameters (npz).
+
+The final parameters are written and read with the one npz writer,
+:func:`common.atomic_files.save_arrays` and :func:`~common.atomic_files.load_arrays`,
+named here too for the code that keeps a run's records.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from flwr.app import Array, ArrayRecord
+from common.atomic_files import atomic_write_text, load_arrays, save_arrays
 
-from common.atomic_files import atomic_write, atomic_write_text
+__all__ = ["FINAL_ARRAYS_FILE", "HISTORY_FILE", "SHIFT_FILE", "load_arrays", "save_arrays",
+           "write_json"]
 
 HISTORY_FILE = "history.json"
 SHIFT_FILE = "shift.json"
@@ -35,14 +40,3 @@ def write_json(path: Path, data: Any) -> None:
     """
     atomic_write_text(path, json.dumps(_json_safe(data), indent=2, allow_nan=False))
 
-
-def save_arrays(path: Path, arrays: ArrayRecord) -> None:
-    """Save an ArrayRecord as an npz file keyed by parameter name, atomically and durably."""
-    payload = {k: a.numpy() for k, a in arrays.items()}
-    atomic_write(path, lambda fh: np.savez(fh, **payload))
-
-
-def load_arrays(path: Path) -> ArrayRecord:
-    """Load an npz file written by :func:`save_arrays`."""
-    with np.load(path) as data:
-        return ArrayRecord({k: Array(data[k]) for k in data.files})

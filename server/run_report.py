@@ -4,16 +4,16 @@ It reads a run's ``results.json`` and leads with what a person asks first: each
 site's test performance at its own operating point and the pooled test, the
 learning curve over rounds, each site's privacy spent with its breakdown by
 release, and the bytes sent. The shift estimates follow when the run holds any
-number to show, and, for simulations with injected shifts, how the estimates
-compare with the ground truth.
+number to show.
 
-The content is built in two parts, kept apart because they belong to different
-layers: :func:`run_sections` (what every run's results hold) and
-:func:`ground_truth_sections` (what only a simulation with known shifts adds:
-``shift.scoring``). :mod:`server.report_document` renders both as Markdown (plots
-as PNG files under ``plots/``) and as one HTML page with the plots embedded. Any
-number may be missing (null): a table shows it as an en dash, drops a column
-that has none, and a section with nothing to show is left out.
+:func:`run_sections` builds what every run's results hold; a caller may add
+sections of its own before the run's settings (``extra_sections`` of
+:func:`write_report`): a simulation adds how the estimates compare with the
+shifts it injected, which only it knows. :mod:`server.report_document` renders
+the whole as Markdown (plots as PNG files under ``plots/``) and as one HTML page
+with the plots embedded. Any number may be missing (null): a table shows it as
+an en dash, drops a column that has none, and a section with nothing to show is
+left out.
 """
 
 from __future__ import annotations
@@ -45,9 +45,8 @@ HTML_FILE = "report.html"
 PLOTS_DIR = "plots"
 TITLE = "fedshift run report"
 MISSING = "\N{EN DASH}"
-PLOT_KEYS = ("learning_curve", "privacy", "covariate_scores", "priors", "correction",
-             "prior_errors")
-"""Every plot a report may hold (file ``plots/<key>.png``, HTML id ``<key>``)."""
+PLOT_KEYS = ("learning_curve", "privacy", "covariate_scores", "priors", "correction")
+"""Every plot :func:`run_sections` may make (file ``plots/<key>.png``, HTML id ``<key>``)."""
 TEST_COLUMNS = (("auroc", "AUROC"), ("sensitivity", "sensitivity"),
                 ("specificity", "specificity"), ("balanced_accuracy", "balanced accuracy"),
                 ("accuracy", "accuracy"))
@@ -96,7 +95,9 @@ def load_run(run_dir: Path) -> dict[str, Any]:
     return results
 
 
-def write_report(results: dict[str, Any], out_dir: Path) -> ReportFiles:
+def write_report(results: dict[str, Any], out_dir: Path,
+                 extra_sections: Sequence[Block] = (),
+                 extra_plots: Sequence[str] = ()) -> ReportFiles:
     """Write ``out_dir/report.md`` with its plots under ``out_dir/plots/``, and
     ``out_dir/report.html`` with the same content and the plots embedded.
 
@@ -107,6 +108,11 @@ def write_report(results: dict[str, Any], out_dir: Path) -> ReportFiles:
     out_dir : Path
         Directory to write into; created if absent. An earlier report there is
         replaced, plots it had that this one has not included.
+    extra_sections : sequence of Block (default: none)
+        Sections a caller adds after :func:`run_sections`, before the settings.
+    extra_plots : sequence of str (default: none)
+        The keys of every plot ``extra_sections`` may hold, drawn this time or not
+        (an earlier report's plot this one lacks is removed).
 
     Returns
     -------
@@ -120,14 +126,12 @@ def write_report(results: dict[str, Any], out_dir: Path) -> ReportFiles:
     """
     check_shape(results)
     out_dir = Path(out_dir)
-    blocks = run_sections(results)
-    scoring = (results.get("shift") or {}).get("scoring")
-    if scoring is not None:
-        blocks += ground_truth_sections(scoring, _site_names(results))
-    blocks += settings_section(results.get("config") or {})
+    blocks = [*run_sections(results), *extra_sections,
+              *settings_section(results.get("config") or {})]
     plots_dir = out_dir / PLOTS_DIR
     written = {b.key for b in blocks if isinstance(b, Plot)}
-    for key in PLOT_KEYS:  # a plot this run has no data for must not survive from an earlier one
+    # a plot this run has no data for must not survive from an earlier one
+    for key in (*PLOT_KEYS, *extra_plots):
         if key not in written:
             (plots_dir / f"{key}.png").unlink(missing_ok=True)
     files = write_report_files(TITLE, blocks, out_dir / REPORT_FILE, out_dir / HTML_FILE,
@@ -168,11 +172,6 @@ def check_shape(results: Any) -> None:
     for name, site in final["sites"].items():
         if not isinstance(site, dict):
             raise ValueError(f"'shift.final.sites.{name}' is not an object")
-    scoring = shift.get("scoring")
-    if scoring is not None and (
-        not isinstance(scoring, dict) or not isinstance(scoring.get("sites"), dict)
-    ):
-        raise ValueError("'shift.scoring' has no 'sites' object")
 
 
 def _check_rounds(rounds: Any, where: str) -> None:
@@ -185,15 +184,14 @@ def _check_rounds(rounds: Any, where: str) -> None:
             raise ValueError(f"'{where}[{i}]' has no 'sites' object")
 
 
-def _site_names(results: dict[str, Any]) -> list[str]:
+def site_names(results: dict[str, Any]) -> list[str]:
     """Every site the run names, in the order of ``sites``, then as first met."""
     names = [s["name"] for s in results.get("sites") or []]
     shift = results.get("shift") or {}
     tables = [entry["sites"] for entry in results.get("rounds") or []]
     tables += [entry["sites"] for entry in shift.get("rounds") or []]
-    for part in (shift.get("final"), shift.get("scoring")):
-        if part is not None:
-            tables.append(part["sites"])
+    if shift.get("final") is not None:
+        tables.append(shift["final"]["sites"])
     for table in tables:
         names += [n for n in table if n not in names]
     return names
@@ -298,12 +296,10 @@ def _is_binary(results: dict[str, Any]) -> bool:
     if _is_number(classes):
         return classes == 2
     shift = results.get("shift") or {}
-    keys = ("training_prior", "deployment_prior", "deployment_prior_bbse",
-            "true_training_prior", "true_deployment_prior")
-    tables = [_get(shift, "final", "sites") or {}, _get(shift, "scoring", "sites") or {}]
+    keys = ("training_prior", "deployment_prior", "deployment_prior_bbse")
+    table = _get(shift, "final", "sites") or {}
     vectors = [_get(shift, "final", "federation_prior")]
-    vectors += [site.get(k) for table in tables for site in table.values()
-                if isinstance(site, dict) for k in keys]
+    vectors += [site.get(k) for site in table.values() if isinstance(site, dict) for k in keys]
     return all(len(v) == 2 for v in map(_vector, vectors) if v is not None)
 
 
@@ -317,7 +313,7 @@ def run_sections(results: dict[str, Any]) -> list[Block]:
     curve, privacy spent, communication, refusals (if any) and the shift estimates
     (if any number). The run's settings (:func:`settings_section`) close the report.
     """
-    names = _site_names(results)
+    names = site_names(results)
     blocks = _summary(results, names)
     blocks += _performance_section(results)
     blocks += _own_model_section(results)
@@ -766,63 +762,4 @@ def _correction_section(table: dict[str, Any], sites: list[str]) -> list[Block]:
                rows, "Metrics on each site's deployment pool without and with the label-shift "
                      "correction; ΔNLL is corrected minus uncorrected (negative: it helped)."),
         *_plot("correction", "NLL and ECE without and with the correction", panels),
-    ]
-
-
-# --- what only a simulation with injected shifts adds ---------------------------------
-
-
-def ground_truth_sections(scoring: dict[str, Any], names: list[str]) -> list[Block]:
-    """How the shift estimates compare with the shifts a simulation injected.
-
-    Parameters
-    ----------
-    scoring : dict
-        A simulation's ``shift.scoring`` (:func:`simulations.shift_scoring.score_shift`).
-    names : list[str]
-        The run's sites, in report order.
-    """
-    table = scoring["sites"]
-    known = [s for s in names if s in table]
-    binary = all(len(v) == 2 for s in known for key in ("true_training_prior",
-                                                        "true_deployment_prior")
-                 if (v := _vector(_get(table, s, key))) is not None)
-    items = [f"Spearman correlation of covariate score with severity: "
-             f"{_num(scoring.get('spearman_covariate_severity'))}",
-             f"Covariate detection rate (shifted sites flagged): "
-             f"{_percent(scoring.get('detection_rate'))}"]
-    if "false_flag_rate" in scoring:
-        items.append(f"Covariate false-flag rate (unshifted sites flagged): "
-                     f"{_percent(scoring['false_flag_rate'])}")
-    if "concept_detection_rate" in scoring:
-        items.append(f"Concept detection rate: {_percent(scoring['concept_detection_rate'])}")
-    unknown = [s for s in names if s not in table]
-    if unknown:
-        items.append(f"No ground truth for: {', '.join(unknown)}")
-    errors = [[s, _prior(_get(table, s, "true_training_prior"), binary),
-               _prior(_get(table, s, "true_deployment_prior"), binary),
-               _num(_get(table, s, "training_prior_l1")),
-               _num(_get(table, s, "deployment_prior_l1")),
-               _num(_get(table, s, "deployment_prior_bbse_l1"))] for s in known]
-    flags = [[s, str(_get(table, s, "covariate_kind") or MISSING),
-              _num(_get(table, s, "severity"), digits=2), _flag(_get(table, s, "shifted")),
-              _flag(_get(table, s, "covariate_flagged")), _flag(_get(table, s, "concept")),
-              _flag(_get(table, s, "concept_flagged"))] for s in known]
-    panels = [Panel("bars", known, [
-        Series(label, [_get(table, s, key) for s in known]) for label, key in (
-            ("training", "training_prior_l1"), ("deployment (MLLS)", "deployment_prior_l1"),
-            ("deployment (BBSE)", "deployment_prior_bbse_l1"))],
-        "L1 error of the prior estimates", "L1 error")]
-    return [
-        Heading("Against the ground truth"),
-        Paragraph("This simulation injected known shifts; here is how the estimates above "
-                  "compare with them."),
-        Bullets(tuple(items)),
-        _table("prior-errors", ["site", "true training prior", "true deployment prior",
-                                "L1 training", "L1 deployment (MLLS)", "L1 deployment (BBSE)"],
-               errors, "L1 error of the prior estimates against the true priors."),
-        _table("shift-flags", ["site", "covariate kind", "severity", "shifted",
-                               "covariate flagged", "concept shift", "concept flagged"], flags,
-               "Flags against the simulated shifts."),
-        *_plot("prior_errors", "L1 error of the prior estimates per site", panels),
     ]

@@ -1,4 +1,8 @@
-"""The ``fedshift`` command line."""
+"""``fedshift simulate``: run a simulated federation of hospitals and print its results.
+
+The ``fedshift`` command line itself (:mod:`fedshift_cli`) dispatches here when
+``simulate`` is chosen.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,13 @@ import argparse
 import logging
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from client.release_policy import SitePolicy
-from client.site_cli import add_site_parser, run_site_command
-from common.backbones import BACKBONES, BackboneError
+from common.backbones import BACKBONES
 from common.federation_config import (
     NONPRIVATE_RECIPE,
     ConfigError,
@@ -25,22 +27,19 @@ from common.image_datasets import (
     describe_source,
     load_image_dataset,
 )
-from common.medmnist_files import DataFileError, ImageSplits
+from common.medmnist_files import ImageSplits
 from common.transfer_mode import MODES_HELP
 from server.aggregators import AGGREGATORS
-from server.credentials_cli import add_credentials_parser, run_credentials
-from server.dev_credentials import CredentialsExistError
-from simulations.report_command import add_report_parser, run_report
 from simulations.scenario import load_scenario
-from simulations.study_command import add_study_parser, run_study_command
 from simulations.trackers import require_tensorboard, write_tensorboard
 
 DEFAULTS = FederationConfig()
 
 
-def _add_simulate(sub: argparse._SubParsersAction) -> None:
+def add_simulate_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the ``simulate`` subcommand on the ``fedshift`` parser's subparsers."""
     p = sub.add_parser(
-        "simulate", help="run a simulated federation of hospitals",
+        "simulate",
         description="Run N simulated hospitals on Flower's simulation engine: DP fine-tuning "
                     "of a pretrained backbone's BatchNorm scale/shift and head.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -232,7 +231,9 @@ def _print_own_models(results: dict[str, Any]) -> None:
           "the federated model (--decide-with-mix: with these mixes)"))
 
 
-def _simulate(args: argparse.Namespace) -> int:
+def run_simulate(args: argparse.Namespace) -> int:
+    """Run the simulation ``args`` describe, print its results and where they were
+    written; 0 when it ran."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from server.run_report import HTML_FILE, REPORT_FILE
@@ -280,33 +281,3 @@ def _simulate(args: argparse.Namespace) -> int:
         print(f"tensorboard: {args.tensorboard} (tensorboard --logdir {args.tensorboard})")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``fedshift`` console script."""
-    parser = argparse.ArgumentParser(prog="fedshift", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_simulate(sub)
-    add_report_parser(sub)
-    add_study_parser(sub)
-    add_credentials_parser(sub)
-    add_site_parser(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.command == "report":
-            return run_report(args)
-        if args.command == "credentials":
-            return run_credentials(args)
-        if args.command == "site":
-            return run_site_command(args)
-        if args.command == "study":
-            return run_study_command(args)
-        return _simulate(args)
-    except (ConfigError, BackboneError, DataFileError, CredentialsExistError) as exc:
-        print(f"fedshift: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

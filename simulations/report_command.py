@@ -16,7 +16,7 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
         The subparsers of the ``fedshift`` parser.
     """
     p = sub.add_parser(
-        "report", help="write a run's report (report.md with plots, and report.html)",
+        "report",
         description="Read DIR/results.json (written by `fedshift simulate --out DIR`) and write "
                     "report.md with its plots under plots/, and report.html, one "
                     "self-contained page with the same content.",
@@ -42,11 +42,12 @@ def run_report(args: argparse.Namespace) -> int:
         0 when the report was written; 2 when the run's results are missing or
         malformed, or the report cannot be written (the error goes to stderr).
     """
-    from server.run_report import load_run, write_report
+    from server.run_report import load_run
+    from simulations.simulation_report import write_simulation_report
 
     try:
         results = load_run(args.dir)
-        files = write_report(results, args.dir if args.out is None else args.out)
+        files = write_simulation_report(results, args.dir if args.out is None else args.out)
     except (OSError, ValueError) as exc:
         print(f"fedshift: error: {exc}", file=sys.stderr)
         return 2

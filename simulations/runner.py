@@ -46,10 +46,11 @@ from server.run_records import (
     load_arrays,
     write_json,
 )
-from server.run_report import RESULTS_FILE, write_report
+from server.run_report import RESULTS_FILE
 from server.strategy import RoundCallback
 from simulations.scenario import SiteTruth, build_sites, load_scenario
 from simulations.shift_scoring import score_shift
+from simulations.simulation_report import write_simulation_report
 
 logger = logging.getLogger(__name__)
 
@@ -326,6 +327,6 @@ def simulate(cfg: FederationConfig, out_dir: Path | None = None,
         results["shift"] = shift
     if out_dir is not None:
         write_json(Path(out_dir) / RESULTS_FILE, results)
-        write_report(results, Path(out_dir))
+        write_simulation_report(results, Path(out_dir))
     return results
 

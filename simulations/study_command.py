@@ -13,8 +13,7 @@ from simulations.study_summary import summarise
 def add_study_parser(sub: argparse._SubParsersAction) -> None:
     """Register the ``study`` subcommand on the ``fedshift`` parser's subparsers."""
     p = sub.add_parser(
-        "study", help="run a grid of simulations (methods x epsilon x sites x ...) and "
-                      "summarise it",
+        "study",
         description="Run every cell of the study file CONFIG (see simulations/studies/) under "
                     "--out, skipping cells that finished before, then write summary.csv, "
                     "sites.csv, summary.md and plots there.",

@@ -16,11 +16,21 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
+from client.site_norms import load_statistics, save_statistics
 from common import medmnist_files
-from common.atomic_files import atomic_write, atomic_write_bytes, atomic_write_text
+from common.atomic_files import (
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_text,
+    load_arrays,
+    load_npz,
+    save_arrays,
+    save_npz,
+)
 from common.medmnist_files import DataFileError
+from common.norm_adaptation import NormStatistics
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from server.run_records import load_arrays, save_arrays, write_json
+from server.run_records import write_json
 
 OLD = b"the previous, complete content\n"
 
@@ -38,6 +48,7 @@ WRITERS: dict[str, Callable[[Path], None]] = {
     "atomic_write_text": lambda p: atomic_write_text(p, '{"a": 1}'),
     "write_json": lambda p: write_json(p, {"a": 1}),
     "save_arrays": lambda p: save_arrays(p, _arrays()),
+    "save_npz": lambda p: save_npz(p, {"w": np.ones(3)}, mode=0o600),
     "save_checkpoint": lambda p: save_checkpoint(p, _checkpoint()),
 }
 
@@ -183,6 +194,39 @@ def test_an_npz_write_that_fails_midway_keeps_the_old_file_and_no_temporary(
     else:
         back = load_checkpoint(path, "abc")
         assert back is not None and back.server_round == 2
+
+
+def test_npz_files_are_plain_uncompressed_numpy_archives(tmp_path: Path) -> None:
+    arrays = {"w": np.arange(6.0).reshape(2, 3), "b.mean": np.array([1, 2], dtype=np.int64)}
+    save_npz(tmp_path / "mine.npz", arrays)
+    with np.load(tmp_path / "mine.npz") as plain:
+        assert set(plain.files) == set(arrays)
+        for name, array in arrays.items():
+            np.testing.assert_array_equal(plain[name], array)
+            assert plain[name].dtype == array.dtype
+    np.savez(tmp_path / "written-by-numpy.npz", **arrays)  # files fedshift wrote before
+    back = load_npz(tmp_path / "written-by-numpy.npz")
+    assert set(back) == set(arrays)
+    np.testing.assert_array_equal(back["w"], arrays["w"])
+    record = load_arrays(tmp_path / "written-by-numpy.npz")
+    assert list(record.keys()) == ["w", "b.mean"]
+    np.testing.assert_array_equal(record["w"].numpy(), arrays["w"])
+
+
+def test_npz_files_with_pickled_objects_are_refused(tmp_path: Path) -> None:
+    np.savez(tmp_path / "pickled.npz", meta=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match="allow_pickle"):
+        load_npz(tmp_path / "pickled.npz")
+
+
+def test_a_sites_adapted_statistics_are_kept_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "adapted-norms" / "site-1-run.npz"
+    statistics = {"backbone.bn1": NormStatistics(np.array([0.5, 1.0]), np.array([2.0, 3.0]))}
+    save_statistics(path, statistics)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    back = load_statistics(path)
+    assert back is not None and list(back) == ["backbone.bn1"]
+    np.testing.assert_array_equal(back["backbone.bn1"].var, [2.0, 3.0])
 
 
 # ------------------------------------------------------------------ downloads

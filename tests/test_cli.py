@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from common import medmnist_files
-from simulations.cli import main
+from fedshift_cli import main
 
 
 class _Captured(Exception):

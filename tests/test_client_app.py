@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +212,7 @@ def test_a_personal_bn_site_keeps_its_own_scale_shift_and_evaluates_with_them(
     first = _send(cfg, MessageType.TRAIN, initial, 1, **{"run-key": "r1"})
     assert not first.has_error(), first.error.reason if first.has_error() else ""
     [saved] = (Path(cfg.state_dir) / "personal").glob("site-1-r1.npz")
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o600  # only the site's account reads it
     with np.load(saved) as kept:
         names = set(kept.files)
         trained = {k: kept[k] for k in kept.files}

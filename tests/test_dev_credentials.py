@@ -17,9 +17,9 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from flwr.cli.supernode.register import try_load_public_key
 
+from fedshift_cli import main
 from server import dev_credentials
 from server.dev_credentials import CredentialsExistError, make_credentials, make_site_key
-from simulations.cli import main
 
 
 def test_server_certificate_is_signed_by_the_ca_for_loopback_and_given_hosts(
@@ -88,6 +88,16 @@ def test_an_existing_file_at_a_private_key_path_is_refused_and_kept(
     assert existing.read_bytes() == b"an old key somebody relies on\n"
     assert stat.S_IMODE(existing.stat().st_mode) == 0o644
     assert [p.name for p in tmp_path.iterdir()] == [name]  # nothing else written
+
+
+def test_the_command_refuses_to_replace_a_key_and_says_why(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    existing = tmp_path / "site-a.key"
+    existing.write_bytes(b"an old key somebody relies on\n")
+    assert main(["credentials", str(tmp_path), "--site", "site-a"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedshift: error: ") and "site-a.key" in err
+    assert existing.read_bytes() == b"an old key somebody relies on\n"
 
 
 def test_a_symlink_at_a_key_path_is_never_followed(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ site's side (trained once per run, kept, never moving what it releases)."""
 
 from __future__ import annotations
 
+import stat
 from dataclasses import replace
 from pathlib import Path
 
@@ -94,7 +95,8 @@ def test_a_site_trains_its_own_model_once_per_run_keeps_it_and_mixes_only_if_ask
     federated = site_model(site, trainable_arrays(build_model(cfg.model_spec())))
     decider, choice = decision_model(site, federated)
     assert choice is not None and choice.validation_size == len(site.data.labels["val"])
-    assert own_model_path(site.files_dir, site.name, "run").exists()
+    kept = own_model_path(site.files_dir, site.name, "run")
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600  # it never leaves the site
     # An untrained head against a model trained on the site's data: alone is better,
     # the site's log says so, and by default it still decides with the federated model.
     assert choice.alone_is_better and decider is federated

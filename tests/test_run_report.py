@@ -21,6 +21,7 @@ from server.run_report import (
     write_report,
 )
 from simulations.report_command import add_report_parser, run_report
+from simulations.simulation_report import write_simulation_report
 from tests.report_results import SITES, run_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -49,7 +50,7 @@ def _plot(out: Path, key: str) -> bytes:
 
 def test_the_report_leads_with_what_people_ask_first(results: dict[str, Any],
                                                      tmp_path: Path) -> None:
-    files = write_report(results, tmp_path)
+    files = write_simulation_report(results, tmp_path)
     assert (files.markdown, files.html) == (tmp_path / REPORT_FILE, tmp_path / HTML_FILE)
     text = files.markdown.read_text()
     assert text.startswith("# fedshift run report\n")
@@ -186,7 +187,7 @@ def test_shift_sections(results: dict[str, Any], tmp_path: Path) -> None:
 
 def test_ground_truth_sections_only_for_simulations_with_injected_shifts(
         results: dict[str, Any], tmp_path: Path) -> None:
-    text = _markdown(results, tmp_path / "with")
+    text = write_simulation_report(results, tmp_path / "with").markdown.read_text()
     assert "## Against the ground truth" in text
     assert "severity: 0.970" in text
     assert "(shifted sites flagged): 50.0 %" in text
@@ -196,10 +197,18 @@ def test_ground_truth_sections_only_for_simulations_with_injected_shifts(
     assert _row("site-1", "blur", "0.80", "yes", "yes", "no", "no") in text
     assert _plot(tmp_path / "with", "prior_errors").startswith(PNG_MAGIC)
 
+    # the report every run has leaves the simulation's ground truth out
+    text = _markdown(results, tmp_path / "every run")
+    assert "ground truth" not in text and "## Covariate shift" in text
+    assert not (tmp_path / "every run" / PLOTS_DIR / "prior_errors.png").exists()
+
     del results["shift"]["scoring"]
-    text = _markdown(results, tmp_path / "without")
+    text = write_simulation_report(results, tmp_path / "without").markdown.read_text()
     assert "ground truth" not in text and "## Covariate shift" in text
     assert not (tmp_path / "without" / PLOTS_DIR / "prior_errors.png").exists()
+    results["shift"]["scoring"] = {"detection_rate": 1.0}
+    with pytest.raises(ValueError, match=r"'shift\.scoring' has no 'sites' object"):
+        write_simulation_report(results, tmp_path / "malformed")
 
 
 def test_shift_sections_appear_only_with_something_to_show(results: dict[str, Any],
@@ -291,7 +300,7 @@ class _Page(HTMLParser):
 def test_the_html_page_holds_the_same_tables_and_embeds_its_plots(
         results: dict[str, Any], tmp_path: Path) -> None:
     results["sites"][0]["name"] = "<b>ward & co</b>"
-    page_text = write_report(results, tmp_path).html.read_text()
+    page_text = write_simulation_report(results, tmp_path).html.read_text()
     page = _Page()
     page.feed(page_text)
     assert "<b>ward" not in page_text  # names are escaped
@@ -346,6 +355,7 @@ def test_command_writes_both_reports(
     assert str(run_dir / REPORT_FILE) in out and str(run_dir / HTML_FILE) in out
     assert (run_dir / PLOTS_DIR / "learning_curve.png").is_file()
     assert "test-performance" in (run_dir / HTML_FILE).read_text()
+    assert "## Against the ground truth" in (run_dir / REPORT_FILE).read_text()
 
     elsewhere = tmp_path / "elsewhere"
     assert run_report(_parse(["report", str(run_dir), "--out", str(elsewhere)])) == 0

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import shlex
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 from flwr.common.config import parse_config_args
 
+from client import site_cli
 from client.site_cli import (
     _toml_value,
     add_site_parser,
@@ -122,6 +124,17 @@ def test_unit_runs_the_site_with_restarts_and_hardening(
     assert shlex.split(lines["ReadWritePaths"]) == [str(site_file.parent / "state")]
     assert lines["WorkingDirectory"] == str(site_file.parent)
     assert lines["User"]
+
+
+def test_without_the_fedshift_script_the_unit_runs_the_command_line_module(
+        site_file: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(site_cli, "_executable", lambda name: None)
+    assert _run(["site", "unit", str(site_file)]) == 0
+    lines = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines()
+                 if "=" in line and not line.startswith("#"))
+    assert shlex.split(lines["ExecStart"]) == [sys.executable, "-m", "fedshift_cli", "site",
+                                               "run", str(site_file)]
 
 
 def test_supernode_command_uses_the_given_executable(site_file: Path) -> None:

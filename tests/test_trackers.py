@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from common.federation_config import ConfigError
+from fedshift_cli import main
 from simulations import cli
 from simulations.trackers import require_tensorboard, run_scalars, write_tensorboard
 from tests.report_results import BYTES_PER_SITE, SITES, run_results
@@ -88,6 +89,6 @@ def test_a_missing_tensorboard_is_said_before_the_run(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(cli, "_config", no_run)
     out = tmp_path / "run"
-    assert cli.main(["simulate", "--tensorboard", str(tmp_path / "tb"), "--out", str(out)]) == 2
+    assert main(["simulate", "--tensorboard", str(tmp_path / "tb"), "--out", str(out)]) == 2
     assert "--tensorboard needs the tensorboard package" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "tb").exists()
