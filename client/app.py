@@ -41,7 +41,7 @@ from common.messages import SHIFT_QUERY_TYPE, Refusal
 
 if TYPE_CHECKING:
     from client.release_policy import SitePolicy
-    from common.federated_data import SiteData
+    from common.data_splits import SiteData
     from common.federation_config import FederationConfig
 
 logger = logging.getLogger(__name__)

@@ -29,7 +29,8 @@ import torch
 from client.privacy_ledger import PrivacyLedger
 from client.release_policy import SitePolicy
 from client.reply_archive import ReplyArchive
-from common.federated_data import SiteData, load_federation
+from common.data_splits import SiteData
+from common.federated_data import load_federation
 from common.federation_config import ConfigError, FederationConfig
 from common.messages import SITE_NAME_PATTERN
 from common.site_images import load_site_images

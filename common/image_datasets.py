@@ -15,14 +15,15 @@ a path ending in ``.npz``
     is looked up in ``data_dir``.
 a folder
     An ImageFolder tree of pictures: ``DIR/<class>/<images>`` (every class split
-    80/10/10 into train/val/test, deterministically in the seed) or
-    ``DIR/{train,val,test}/<class>/<images>``. Class ``i`` is the ``i``-th sorted
-    class folder name; a ``deploy`` folder is ignored. Files that cannot be decoded
-    are skipped (and logged). Every image is resized (bilinear) to the most common
-    height and width among the images read (ties: the one met first). The data set
-    is colour, ``(N, H, W, 3)``, when at least one image has differing RGB
-    channels, else grey, ``(N, H, W)``; grey images of a colour set get the grey
-    value in all three channels. All images are held in memory while they are read.
+    70/15/15 into train/val/test by a fixed hash of the file paths, the same for
+    every seed) or ``DIR/{train,val,test}/<class>/<images>``, read by
+    :func:`common.image_folder.load_image_tree`, the reader a deployed site uses,
+    so the same folder gives the same splits and pixels there. Class ``i`` is the
+    ``i``-th sorted class folder name; a ``deploy`` folder is ignored. Files that
+    cannot be decoded are skipped (and logged). Every image is resized to
+    ``image_size`` x ``image_size``. The data set is colour, ``(N, S, S, 3)``, when
+    at least one image has differing RGB channels, else grey, ``(N, S, S)``; grey
+    images of a colour set get the grey value in all three channels.
 any other name
     A MedMNIST flag (``pneumoniamnist``, ``bloodmnist``, ...): ``<flag>_<size>.npz`` at a
     size MedMNIST+ publishes (64, 128, 224), else ``<flag>.npz`` (28 px), is looked up
@@ -39,20 +40,16 @@ import gzip
 import logging
 import os
 import zlib
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from common.image_files import UnreadableImage, match_channels, read_picture
-from common.image_folder import list_labelled_files
+from common.data_splits import DataFileError, ImageSplits
+from common.image_files import read_picture
+from common.image_folder import load_image_tree
 from common.medmnist_files import (
     BASE_SIDE,
     DATA_DIR_ENV,
-    SPLITS,
-    DataFileError,
-    ImageSplits,
     find_medmnist_file,
     is_shipped,
     load_medmnist,
@@ -72,7 +69,6 @@ FASHION_MNIST_FILES = {
 }
 SYSTEM_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_VAL_FRACTION = 0.1
-FOLDER_SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 IDX_IMAGES_MAGIC = 2051  # unsigned bytes, 3 dimensions
 IDX_LABELS_MAGIC = 2049  # unsigned bytes, 1 dimension
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -261,79 +257,24 @@ def load_fashion_mnist(data_dir: str | Path | None = None, seed: int = 0) -> Ima
     )
 
 
-def _is_colour(pixels: np.ndarray) -> bool:
-    return pixels.ndim == 3 and not (
-        np.array_equal(pixels[..., 0], pixels[..., 1])
-        and np.array_equal(pixels[..., 1], pixels[..., 2])
-    )
-
-
-def _resized(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
-    if pixels.shape[:2] == (height, width):
-        return pixels
-    return np.asarray(
-        Image.fromarray(pixels).resize((width, height), Image.Resampling.BILINEAR)
-    )
-
-
-def load_image_folder(root: str | Path, seed: int = 0) -> ImageSplits:
-    """Read an ImageFolder tree of pictures (layouts and conventions: module docstring).
-
-    Parameters
-    ----------
-    root : str | Path
-        The tree's root folder.
-    seed : int (default: 0)
-        Seed of the 80/10/10 split of a tree without split folders (every class
-        split on its own, by seeded hash order of the file paths).
+def _load_folder(root: Path, image_size: int) -> ImageSplits:
+    """The labelled splits of an ImageFolder tree of pictures, read by
+    :func:`common.image_folder.load_image_tree` as a deployed site reads it (its
+    ``deploy`` folder left out), at ``image_size`` px with the tree's own channels.
 
     Raises
     ------
     DataFileError
         When the layout is not understood or no image can be read.
     """
-    root = Path(root).expanduser()
-    class_names, listed = list_labelled_files(root, seed, FOLDER_SPLIT_FRACTIONS)
-    raw: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-    kept: dict[str, list[int]] = {s: [] for s in SPLITS}
-    skipped: list[tuple[Path, str]] = []
-    for split in SPLITS:
-        for path, label in listed[split]:
-            try:
-                pixels = read_picture(path)
-            except UnreadableImage as exc:
-                skipped.append((path, str(exc)))
-                continue
-            except Exception as exc:  # decoders of arbitrary files raise anything
-                skipped.append((path, f"{type(exc).__name__}: {exc}"))
-                continue
-            raw[split].append(pixels)
-            kept[split].append(label)
-    if skipped:
-        logger.warning("%s: skipped %d unreadable files, e.g. %s: %s", root, len(skipped),
-                       *skipped[0])
-    everything = [p for s in SPLITS for p in raw[s]]
-    if not everything:
-        reasons = "; ".join(f"{p}: {why}" for p, why in skipped[:3])
-        raise DataFileError(
-            f"no image in {root} could be read ({len(skipped)} files skipped"
-            f"{': ' + reasons if reasons else ''}); expected <root>/<class>/<images> or "
-            "<root>/train|val|test/<class>/<images> with pictures (PNG, JPEG, ...)"
-        )
-    sizes = Counter(p.shape[:2] for p in everything)
-    (height, width), _ = sizes.most_common(1)[0]
-    channels = 3 if any(_is_colour(p) for p in everything) else 1
-    logger.info("%s: %d images, classes %s; %s, resized to %dx%d (most common of %d sizes)",
-                root, len(everything), dict(enumerate(class_names)),
-                "colour" if channels == 3 else "grey", height, width, len(sizes))
-    shape = (height, width) if channels == 1 else (height, width, 3)
-    images = {
-        s: np.stack([_resized(match_channels(p, channels), height, width) for p in raw[s]])
-        if raw[s] else np.empty((0, *shape), dtype=np.uint8)
-        for s in SPLITS
-    }
-    labels = {s: np.asarray(kept[s], dtype=np.int64) for s in SPLITS}
-    return ImageSplits(images=images, labels=labels, num_classes=len(class_names), source=root)
+    tree = load_image_tree(root, read_picture, None, image_size, pool=False)
+    splits = tree.splits
+    logger.info("%s: %d images, classes %s; %s, %dx%d to %dx%d px resized to %d px",
+                root, sum(len(x) for x in splits.images.values()),
+                dict(enumerate(tree.class_names)),
+                "colour" if dataset_channels(splits) == 3 else "grey",
+                *tree.min_size, *tree.max_size, image_size)
+    return splits
 
 
 def _load_npz(path: Path, data_dir: str | Path | None) -> ImageSplits:
@@ -373,11 +314,11 @@ def load_image_dataset(name: str, data_dir: str | None = None, seed: int = 0,
         Directory searched first for MedMNIST and Fashion-MNIST files, and for a
         relative ``.npz`` path not found from the working directory.
     seed : int (default: 0)
-        Seed of the validation split of Fashion-MNIST and of the 80/10/10 split of a
-        folder without split folders; MedMNIST files keep their own splits.
+        Seed of the validation split of Fashion-MNIST; MedMNIST files and image
+        folders keep their own splits.
     image_size : int (default: 28)
-        Side the images will be resized to; a MedMNIST flag reads its native file at
-        a size MedMNIST+ publishes.
+        Side the images will be resized to: an image folder is read at this size, a
+        MedMNIST flag reads its native file at a size MedMNIST+ publishes.
 
     Returns
     -------
@@ -402,7 +343,7 @@ def load_image_dataset(name: str, data_dir: str | None = None, seed: int = 0,
     if _is_path(name, flags):
         path = Path(name).expanduser()
         if path.is_dir():
-            return load_image_folder(path, seed)
+            return _load_folder(path, image_size)
         if path.suffix.lower() == ".npz":
             return _load_npz(path, data_dir)
         raise DataFileError(

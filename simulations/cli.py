@@ -15,6 +15,7 @@ from typing import Any
 from client.release_policy import SitePolicy
 from client.site_cli import add_site_parser, run_site_command
 from common.backbones import BACKBONES, BackboneError
+from common.data_splits import DataFileError, ImageSplits
 from common.federation_config import (
     AGGREGATORS,
     NONPRIVATE_RECIPE,
@@ -26,7 +27,6 @@ from common.image_datasets import (
     describe_source,
     load_image_dataset,
 )
-from common.medmnist_files import DataFileError, ImageSplits
 from common.transfer_mode import MODES_HELP
 from server.credentials_cli import add_credentials_parser, run_credentials
 from server.dev_credentials import CredentialsExistError

@@ -49,17 +49,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.federated_data import SiteData
+from common.data_splits import POOL, SITE_SPLITS, SPLITS, ImageSplits, SiteData
 from common.federation_config import ConfigError, FederationConfig
 from common.image_tensors import to_model_input
-from common.medmnist_files import SPLITS, ImageSplits
 from common.messages import SITE_NAME_PATTERN
 from simulations.covariate_shift import SHIFTS, apply_shift
 
 logger = logging.getLogger(__name__)
 
-POOL = "pool"
-SITE_SPLITS = (*SPLITS, POOL)
 NO_SHIFT = "none"
 COVARIATE_KINDS = (NO_SHIFT, *SHIFTS)
 SCENARIOS_DIR = Path(__file__).resolve().parent / "scenarios"

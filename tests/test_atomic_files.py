@@ -18,7 +18,7 @@ from flwr.app import Array, ArrayRecord
 
 from common import medmnist_files
 from common.atomic_files import atomic_write, atomic_write_bytes, atomic_write_text
-from common.medmnist_files import DataFileError
+from common.data_splits import DataFileError
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server.run_records import load_arrays, save_arrays, write_json
 

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from common import medmnist_files
+from common.data_splits import DataFileError
 from common.image_datasets import describe_source, load_image_dataset
 from common.image_tensors import to_model_input
 from common.medmnist_files import (
     SHIPPED_DIR,
-    DataFileError,
     find_medmnist_file,
     load_medmnist,
 )
