@@ -23,7 +23,13 @@ from common.medmnist_files import (
     find_medmnist_file,
     load_medmnist,
 )
-from common.site_partition import binary_class_probs, partition_by_class_probs
+from common.site_partition import (
+    PoolTooSmall,
+    binary_class_probs,
+    class_counts,
+    draw_disjoint,
+    partition_by_class_probs,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = SHIPPED_DIR / "pneumoniamnist.npz"
@@ -251,3 +257,49 @@ def test_partition_refuses_an_impossible_size() -> None:
     with pytest.raises(ValueError, match="at most"):
         partition_by_class_probs(labels, binary_class_probs([0.5, 0.5]), np.random.default_rng(0),
                                  size=50)
+
+
+@pytest.mark.parametrize(("size", "probs", "expected"), [
+    (10, [0.33, 0.33, 0.34], [3, 3, 4]),  # the largest remainder rounds up
+    (1, [0.4, 0.2, 0.4], [0, 0, 1]),  # never the smallest quota; ties: the higher class
+    (5, [0.5, 0.5], [2, 3]),  # two classes: class 1 rounded half up
+    (75, [0.82, 0.18], [61, 14]),  # a tie, though 75 * 0.82 is 61.49999999999999 in floats
+    (7, [0.0, 1.0], [0, 7]),
+    (0, [0.3, 0.7], [0, 0]),
+])
+def test_class_counts_fill_the_size_and_round_each_quota(size: int, probs: list[float],
+                                                         expected: list[int]) -> None:
+    assert class_counts(size, np.array(probs)).tolist() == expected
+
+
+def test_class_counts_of_two_classes_round_class_one_half_up() -> None:
+    for prevalence in np.linspace(0, 1, 201):
+        for size in range(0, 400, 7):
+            counts = class_counts(size, binary_class_probs([prevalence])[0])
+            assert counts.sum() == size
+            assert counts[1] == np.floor(size * prevalence + 0.5)
+
+
+def test_draw_disjoint_gives_every_part_its_counts_and_no_example_twice() -> None:
+    labels = np.random.default_rng(3).integers(0, 3, 500)
+    counts = np.array([[10, 0, 5], [3, 30, 7], [0, 0, 0], [20, 20, 20]])
+    parts = draw_disjoint(labels, counts, np.random.default_rng(0))
+    for part, row in zip(parts, counts, strict=True):
+        assert np.bincount(labels[part], minlength=3).tolist() == row.tolist()
+    combined = np.concatenate(parts)
+    assert len(np.unique(combined)) == len(combined) == counts.sum()
+
+
+def test_draw_disjoint_names_the_class_the_pool_lacks() -> None:
+    labels = np.array([0] * 10 + [1] * 4)
+    with pytest.raises(PoolTooSmall, match="need 5 examples of class 1 but the pool has 4") as err:
+        draw_disjoint(labels, np.array([[2, 3], [2, 2]]), np.random.default_rng(0))
+    assert (err.value.label, err.value.needed, err.value.available) == (1, 5, 4)
+
+
+def test_partition_gives_every_site_the_class_counts_of_its_mix() -> None:
+    labels = np.random.default_rng(1).integers(0, 4, 3000)
+    mixes = np.random.default_rng(2).dirichlet(np.ones(4), size=3)
+    sites = partition_by_class_probs(labels, mixes, np.random.default_rng(0), size=250)
+    for idx, mix in zip(sites, mixes, strict=True):
+        assert np.bincount(labels[idx], minlength=4).tolist() == class_counts(250, mix).tolist()
