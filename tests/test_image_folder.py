@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -311,3 +313,15 @@ def test_exif_orientation_is_applied_and_alpha_dropped(tmp_path: Path) -> None:
     path = tmp_path / "phone.png"
     Image.fromarray(np.zeros((10, 20, 4), dtype=np.uint8)).save(path, exif=exif)
     assert read_picture(path).shape == (20, 10, 3)
+
+
+def test_the_site_loader_loads_nothing_meant_for_simulation() -> None:
+    probe = ("import sys, common.site_images; print(' '.join(sorted(m for m in sys.modules "
+             "if m.startswith(('common.', 'simulations', 'client', 'server')))))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True, cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    assert "common.site_images" in loaded
+    simulation_only = {"common.federated_data", "common.site_partition",
+                       "common.image_datasets", "common.fashion_mnist_files"}
+    assert not simulation_only & set(loaded)
+    assert not [m for m in loaded if m.startswith(("simulations", "client", "server"))]
