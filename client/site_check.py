@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.privacy_ledger import PARTS, LedgerError, PrivacyLedger
 from client.site_config import SiteConfig
-from common.data_splits import POOL, SITE_SPLITS, DataFileError
-from common.site_images import SiteImages, load_site_images
+from common.data.site_loader import SiteImages, load_site_images
+from common.data.splits import POOL, SITE_SPLITS, DataFileError
 
 # Images are decoded at this size for the check (the run's size is the server's).
 CHECK_IMAGE_SIZE = 32

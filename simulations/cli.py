@@ -15,17 +15,17 @@ from typing import Any
 from client.release_policy import SitePolicy
 from client.site_cli import add_site_parser, run_site_command
 from common.backbones import BACKBONES, BackboneError
-from common.data_splits import DataFileError, ImageSplits
+from common.data.datasets import (
+    dataset_channels,
+    describe_source,
+    load_image_dataset,
+)
+from common.data.splits import DataFileError, ImageSplits
 from common.federation_config import (
     AGGREGATORS,
     NONPRIVATE_RECIPE,
     ConfigError,
     FederationConfig,
-)
-from common.image_datasets import (
-    dataset_channels,
-    describe_source,
-    load_image_dataset,
 )
 from common.transfer_mode import MODES_HELP
 from server.credentials_cli import add_credentials_parser, run_credentials

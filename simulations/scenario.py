@@ -49,11 +49,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.data_splits import POOL, SITE_SPLITS, SPLITS, ImageSplits, SiteData
+from common.data.partition import PoolTooSmall, binary_class_probs, class_counts, draw_disjoint
+from common.data.splits import POOL, SITE_SPLITS, SPLITS, ImageSplits, SiteData
+from common.data.tensors import to_model_input
 from common.federation_config import ConfigError, FederationConfig
-from common.image_tensors import to_model_input
 from common.messages import SITE_NAME_PATTERN
-from common.site_partition import PoolTooSmall, binary_class_probs, class_counts, draw_disjoint
 from simulations.covariate_shift import SHIFTS, apply_shift
 
 logger = logging.getLogger(__name__)

@@ -14,22 +14,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import medmnist_files
-from common.data_splits import DataFileError
-from common.image_datasets import describe_source, load_image_dataset
-from common.image_tensors import to_model_input
-from common.medmnist_files import (
+from common.data import medmnist_npz
+from common.data.datasets import describe_source, load_image_dataset
+from common.data.medmnist_npz import (
     SHIPPED_DIR,
     find_medmnist_file,
     load_medmnist,
 )
-from common.site_partition import (
+from common.data.partition import (
     PoolTooSmall,
     binary_class_probs,
     class_counts,
     draw_disjoint,
     partition_by_class_probs,
 )
+from common.data.splits import DataFileError
+from common.data.tensors import to_model_input
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = SHIPPED_DIR / "pneumoniamnist.npz"
@@ -95,7 +95,7 @@ def test_a_native_download_comes_before_a_28px_file_and_lands_in_the_first_place
         fetched.append((url, target))
         target.write_bytes(b"x")
 
-    monkeypatch.setattr(medmnist_files, "_download", serve)
+    monkeypatch.setattr(medmnist_npz, "_download", serve)
     (places["home"] / "pneumoniamnist.npz").write_bytes(b"x")
     found = find_medmnist_file("pneumoniamnist", places["explicit"], image_size=64)
     assert found == places["explicit"] / "pneumoniamnist_64.npz" and found.is_file()
@@ -106,7 +106,7 @@ def test_a_native_download_comes_before_a_28px_file_and_lands_in_the_first_place
 def test_offline_the_28px_file_is_upsampled_and_the_log_says_where_the_native_one_goes(
         places: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
     path = write_medmnist(places["env"] / "pneumoniamnist.npz", side=28)
-    with caplog.at_level(logging.INFO, logger="common.medmnist_files"):
+    with caplog.at_level(logging.INFO, logger="common.data.medmnist_npz"):
         splits = load_image_dataset("pneumoniamnist", str(places["explicit"]), image_size=64)
     assert splits.source == path
     messages = [r.getMessage() for r in caplog.records]
@@ -167,10 +167,10 @@ def test_code_without_data_files_finds_the_installed_copy(
             return json.dumps({"dir_info": {"editable": True}, "url": url}) \
                 if name == "direct_url.json" else None
 
-    monkeypatch.setattr(medmnist_files, "SHIPPED_DIR", tmp_path / "app" / "data_files")
-    monkeypatch.setattr(medmnist_files.metadata, "distribution", lambda name: EditableInstall())
-    assert medmnist_files.shipped_file("pneumoniamnist") == data_files / "pneumoniamnist.npz"
-    assert medmnist_files.shipped_file("bloodmnist") is None
+    monkeypatch.setattr(medmnist_npz, "SHIPPED_DIR", tmp_path / "app" / "data_files")
+    monkeypatch.setattr(medmnist_npz.metadata, "distribution", lambda name: EditableInstall())
+    assert medmnist_npz.shipped_file("pneumoniamnist") == data_files / "pneumoniamnist.npz"
+    assert medmnist_npz.shipped_file("bloodmnist") is None
 
 
 def test_missing_file_offline_names_the_file_and_where_to_put_it(
@@ -183,7 +183,7 @@ def test_missing_file_offline_names_the_file_and_where_to_put_it(
         urls.append(url)
         raise urllib.error.URLError("network unreachable")
 
-    monkeypatch.setattr(medmnist_files.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(medmnist_npz.urllib.request, "urlopen", offline)
     with pytest.raises(DataFileError) as err:
         find_medmnist_file("bloodmnist", image_size=64)
     message = str(err.value)
@@ -202,7 +202,7 @@ def test_a_bad_native_download_does_not_stop_the_28px_one(
             raise DataFileError(f"download of {url} has the wrong checksum; try again")
         target.write_bytes(b"x")
 
-    monkeypatch.setattr(medmnist_files, "_download", serve)
+    monkeypatch.setattr(medmnist_npz, "_download", serve)
     assert find_medmnist_file("bloodmnist", image_size=64) == places["env"] / "bloodmnist.npz"
 
 

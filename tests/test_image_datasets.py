@@ -11,23 +11,23 @@ import numpy as np
 import pytest
 import torch
 
-from common import fashion_mnist_files
-from common.data_splits import SPLITS, DataFileError, SiteData
-from common.fashion_mnist_files import (
+from common.data import fashion_mnist_idx
+from common.data.datasets import dataset_channels, load_image_dataset
+from common.data.fashion_mnist_idx import (
     FASHION_MNIST_FILES,
     IDX_IMAGES_MAGIC,
     IDX_LABELS_MAGIC,
     read_idx,
 )
-from common.federated_data import (
+from common.data.federation import (
     class_frequencies,
     dirichlet_class_mixes,
     load_federation,
 )
+from common.data.image_files import fit_image
+from common.data.partition import binary_class_probs, partition_by_class_probs
+from common.data.splits import SPLITS, DataFileError, SiteData
 from common.federation_config import ConfigError, FederationConfig
-from common.image_datasets import dataset_channels, load_image_dataset
-from common.image_files import fit_image
-from common.site_partition import binary_class_probs, partition_by_class_probs
 from tests.site_files import random_image, write_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,7 +173,7 @@ def test_fashion_mnist_lookup_env_then_error_naming_the_package(
     monkeypatch.setenv("FEDSHIFT_DATA_DIR", str(tmp_path / "env"))
     assert load_image_dataset("fashion-mnist").source == tmp_path / "env" / "fashion-mnist"
     monkeypatch.delenv("FEDSHIFT_DATA_DIR")
-    monkeypatch.setattr(fashion_mnist_files, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(fashion_mnist_idx, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "nowhere")
     with pytest.raises(DataFileError, match="apt-get install dataset-fashion-mnist"):
         load_image_dataset("fashion-mnist", str(tmp_path / "empty"))
 

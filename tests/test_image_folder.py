@@ -13,9 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from common.data_splits import POOL, SPLITS, DataFileError
-from common.image_datasets import load_image_dataset
-from common.image_files import (
+from common.data.datasets import load_image_dataset
+from common.data.image_files import (
     UnreadableImage,
     fit_image,
     match_channels,
@@ -23,9 +22,10 @@ from common.image_files import (
     read_picture,
     window_to_uint8,
 )
-from common.image_folder import SPLIT_FRACTIONS, load_image_tree
-from common.image_tensors import to_model_input
-from common.site_images import load_site_images
+from common.data.image_folder import SPLIT_FRACTIONS, load_image_tree
+from common.data.site_loader import load_site_images
+from common.data.splits import POOL, SPLITS, DataFileError
+from common.data.tensors import to_model_input
 from tests.site_files import random_image, write_class_tree, write_dicom, write_png
 
 SIZE = 16
@@ -316,12 +316,12 @@ def test_exif_orientation_is_applied_and_alpha_dropped(tmp_path: Path) -> None:
 
 
 def test_the_site_loader_loads_nothing_meant_for_simulation() -> None:
-    probe = ("import sys, common.site_images; print(' '.join(sorted(m for m in sys.modules "
+    probe = ("import sys, common.data.site_loader; print(' '.join(sorted(m for m in sys.modules "
              "if m.startswith(('common.', 'simulations', 'client', 'server')))))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             check=True, cwd=Path(__file__).resolve().parents[1]).stdout.split()
-    assert "common.site_images" in loaded
-    simulation_only = {"common.federated_data", "common.site_partition",
-                       "common.image_datasets", "common.fashion_mnist_files"}
+    assert "common.data.site_loader" in loaded
+    simulation_only = {"common.data.federation", "common.data.partition",
+                       "common.data.datasets", "common.data.fashion_mnist_idx"}
     assert not simulation_only & set(loaded)
     assert not [m for m in loaded if m.startswith(("simulations", "client", "server"))]

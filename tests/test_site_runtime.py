@@ -10,7 +10,7 @@ import torch
 from client.privacy_ledger import LedgerError, PrivacyLedger
 from client.site_config import load_site_config
 from client.site_runtime import resolve_site
-from common.data_splits import POOL, DataFileError, SiteData
+from common.data.splits import POOL, DataFileError, SiteData
 from common.federation_config import ConfigError, FederationConfig
 from common.privacy_accounting import GaussianRelease
 from tests.site_files import site_toml, write_site

@@ -1,7 +1,7 @@
 """Read an ImageFolder-style tree of pictures or DICOM files: the one reader of such trees.
 
-Simulation (:func:`common.image_datasets.load_image_dataset` given a folder) and a
-deployed site (:func:`common.site_images.load_site_images`) both read trees here,
+Simulation (:func:`common.data.datasets.load_image_dataset` given a folder) and a
+deployed site (:func:`common.data.site_loader.load_site_images`) both read trees here,
 so a folder gives the same splits and the same pixels under ``fedshift simulate``
 and ``fedshift site run``.
 
@@ -24,7 +24,7 @@ Files are found recursively below a class (or ``deploy``) folder; names starting
 with a dot are ignored and symbolic links to folders are not followed. A file
 that cannot be decoded is skipped and recorded with its reason, never fatal.
 Every image is resized to the run's square size by
-:func:`common.image_files.fit_image`.
+:func:`common.data.image_files.fit_image`.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data_splits import POOL, SPLITS, DataFileError, ImageSplits
-from common.image_files import ImageReader, UnreadableImage, fit_image, match_channels
+from common.data.image_files import ImageReader, UnreadableImage, fit_image, match_channels
+from common.data.splits import POOL, SPLITS, DataFileError, ImageSplits
 
 logger = logging.getLogger(__name__)
 
@@ -180,8 +180,9 @@ def load_image_tree(root: Path, read: ImageReader, channels: int | None, size: i
         The tree's root folder.
     read : ImageReader
         Decodes one file into ``(H, W)`` or ``(H, W, 3)`` uint8 pixels, raising
-        :class:`common.image_files.UnreadableImage` for a file it cannot use
-        (:func:`common.image_files.read_picture` or :func:`~common.image_files.read_dicom`).
+        :class:`common.data.image_files.UnreadableImage` for a file it cannot use
+        (:func:`common.data.image_files.read_picture` or
+        :func:`~common.data.image_files.read_dicom`).
     channels : int | None
         1 (grey) or 3 (RGB): every image is converted to this. None: the tree's
         own, RGB when at least one image has differing channels, else grey (grey

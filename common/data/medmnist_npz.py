@@ -27,7 +27,7 @@ from typing import BinaryIO
 import numpy as np
 
 from common.atomic_files import atomic_write
-from common.data_splits import SPLITS, DataFileError, ImageSplits
+from common.data.splits import SPLITS, DataFileError, ImageSplits
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ BASE_SIDE = 28
 """Side in pixels of the images in ``<flag>.npz``."""
 NATIVE_SIDES = (64, 128, 224)
 """Sides MedMNIST+ publishes besides 28, as ``<flag>_<side>.npz``."""
-SHIPPED_DIR = Path(__file__).resolve().parent / "data_files"
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "data_files"
 """Where the package keeps its own copy of PneumoniaMNIST (28 px; CC BY 4.0, see its README)."""
 _SHIPPED_IN_DISTRIBUTION = "common/data_files"
 _UPSAMPLING_SAID: set[tuple[Path, int]] = set()

@@ -1,7 +1,7 @@
 """A deployed site's own data, from a MedMNIST file, an image tree or a DICOM tree.
 
 :func:`load_site_images` turns the site's data path into a
-:class:`common.data_splits.SiteData` at the run's image size, with the
+:class:`common.data.splits.SiteData` at the run's image size, with the
 site's channel count, and reports what it skipped. Loads are cached per
 (path, format, channels, image size, site name) within a process.
 """
@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from common.data_splits import SPLITS, SiteData
-from common.image_files import match_channels, read_dicom, read_picture
-from common.image_folder import SkippedFile, TreeImages, load_image_tree
-from common.image_tensors import to_model_input
-from common.medmnist_files import load_medmnist
+from common.data.image_files import match_channels, read_dicom, read_picture
+from common.data.image_folder import SkippedFile, TreeImages, load_image_tree
+from common.data.medmnist_npz import load_medmnist
+from common.data.splits import SPLITS, SiteData
+from common.data.tensors import to_model_input
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def load_site_images(path: Path, data_format: str, channels: int, image_size: in
     ----------
     path : Path
         A MedMNIST ``.npz`` file, or the root of an image or DICOM tree (layouts in
-        :mod:`common.image_folder`).
+        :mod:`common.data.image_folder`).
     data_format : str
         ``medmnist``, ``imagefolder`` (pictures Pillow reads) or ``dicom``.
     channels : int

@@ -4,7 +4,7 @@
 
 ``fashion-mnist``
     Fashion-MNIST from its four idx files, read by
-    :func:`common.fashion_mnist_files.load_fashion_mnist` (where they are looked for,
+    :func:`common.data.fashion_mnist_idx.load_fashion_mnist` (where they are looked for,
     and its seeded validation split, are described there).
 a path ending in ``.npz``
     A file in MedMNIST layout (``train_images``, ``train_labels``, ``val_...``,
@@ -14,7 +14,7 @@ a folder
     An ImageFolder tree of pictures: ``DIR/<class>/<images>`` (every class split
     70/15/15 into train/val/test by a fixed hash of the file paths, the same for
     every seed) or ``DIR/{train,val,test}/<class>/<images>``, read by
-    :func:`common.image_folder.load_image_tree`, the reader a deployed site uses,
+    :func:`common.data.image_folder.load_image_tree`, the reader a deployed site uses,
     so the same folder gives the same splits and pixels there. Class ``i`` is the
     ``i``-th sorted class folder name; a ``deploy`` folder is ignored. Files that
     cannot be decoded are skipped (and logged). Every image is resized to
@@ -25,7 +25,7 @@ any other name
     A MedMNIST flag (``pneumoniamnist``, ``bloodmnist``, ...): ``<flag>_<size>.npz`` at a
     size MedMNIST+ publishes (64, 128, 224), else ``<flag>.npz`` (28 px), is looked up
     (downloaded when missing; PneumoniaMNIST's 28 px file ships with the package) by
-    :func:`common.medmnist_files.find_medmnist_file`.
+    :func:`common.data.medmnist_npz.find_medmnist_file`.
 
 A name counts as a path when it ends in ``.npz``, contains a path separator, starts
 with ``~`` or ``.``, or names an existing folder and is not a MedMNIST flag.
@@ -37,17 +37,17 @@ import logging
 import os
 from pathlib import Path
 
-from common.data_splits import DataFileError, ImageSplits
-from common.fashion_mnist_files import FASHION_MNIST, load_fashion_mnist
-from common.image_files import read_picture
-from common.image_folder import load_image_tree
-from common.medmnist_files import (
+from common.data.fashion_mnist_idx import FASHION_MNIST, load_fashion_mnist
+from common.data.image_files import read_picture
+from common.data.image_folder import load_image_tree
+from common.data.medmnist_npz import (
     BASE_SIDE,
     find_medmnist_file,
     is_shipped,
     load_medmnist,
     native_file_advice,
 )
+from common.data.splits import DataFileError, ImageSplits
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def _medmnist_flags() -> set[str]:
 
 def _load_folder(root: Path, image_size: int) -> ImageSplits:
     """The labelled splits of an ImageFolder tree of pictures, read by
-    :func:`common.image_folder.load_image_tree` as a deployed site reads it (its
+    :func:`common.data.image_folder.load_image_tree` as a deployed site reads it (its
     ``deploy`` folder left out), at ``image_size`` px with the tree's own channels.
 
     Raises

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common.data_splits import DataFileError, ImageSplits
-from common.medmnist_files import DATA_DIR_ENV
+from common.data.medmnist_npz import DATA_DIR_ENV
+from common.data.splits import DataFileError, ImageSplits
 
 logger = logging.getLogger(__name__)
 
