@@ -41,7 +41,7 @@ from common.messages import SHIFT_QUERY_TYPE, Refusal
 
 if TYPE_CHECKING:
     from client.release_policy import SitePolicy
-    from common.federated_data import SiteData
+    from common.data.splits import SiteData
     from common.federation_config import FederationConfig
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def make_client_app(config: FederationConfig | None = None,
     """A ClientApp using ``config`` (or each run's Flower run config when None).
 
     ``load_sites`` gives the simulated sites' data for a config (simulations with
-    scenario files pass their own; None: :func:`common.federated_data.load_federation`);
+    scenario files pass their own; None: :func:`common.data.federation.load_federation`);
     ``policy`` is the simulated sites' release policy (None: each node config's,
     with the defaults).
     """

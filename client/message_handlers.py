@@ -28,9 +28,9 @@ from client.release_policy import SitePolicy
 from client.shift_queries import answer_shift_query
 from client.site_runtime import SiteLoader, SiteRuntime, resolve_site
 from client.site_work import evaluate_site, train_site
-from common.federated_data import load_federation
+from common.data.federation import load_federation
+from common.data.splits import DataFileError
 from common.federation_config import ConfigError, FederationConfig
-from common.medmnist_files import DataFileError
 from common.messages import (
     ARRAYS,
     ERROR_BAD_REQUEST,

@@ -26,9 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from client.privacy_ledger import PARTS, LedgerError, PrivacyLedger
 from client.site_config import SiteConfig
-from common.image_folder import POOL
-from common.medmnist_files import SPLITS, DataFileError
-from common.site_images import SiteImages, load_site_images
+from common.data.site_loader import SiteImages, load_site_images
+from common.data.splits import POOL, SITE_SPLITS, DataFileError
 
 # Images are decoded at this size for the check (the run's size is the server's).
 CHECK_IMAGE_SIZE = 32
@@ -89,7 +88,7 @@ def _data(config: SiteConfig) -> tuple[list[CheckResult], SiteImages | None]:
                                f"height {h0}..{h1}, width {w0}..{w1} pixels (resized to the "
                                "run's image size; aspect ratio not kept)"))
     if site.skipped:
-        per_split = ", ".join(f"{s} {site.skipped_in(s)}" for s in (*SPLITS, POOL)
+        per_split = ", ".join(f"{s} {site.skipped_in(s)}" for s in SITE_SPLITS
                               if site.skipped_in(s))
         examples = "; ".join(f"{s.path}: {s.reason}" for s in site.skipped[:_SHOWN_SKIPS])
         results.append(CheckResult("skipped files", Verdict.WARNING,

@@ -21,9 +21,9 @@ from typing import Any
 
 from client.privacy_ledger import COMPOSITIONS
 from client.release_policy import WEIGHTS, SitePolicy
+from common.data.site_loader import FORMATS
 from common.federation_config import ConfigError
 from common.messages import NON_DP_RELEASES
-from common.site_images import FORMATS
 
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_CLIENTAPP_PORT = 9094

@@ -29,10 +29,11 @@ import torch
 from client.privacy_ledger import PrivacyLedger
 from client.release_policy import SitePolicy
 from client.reply_archive import ReplyArchive
-from common.federated_data import SiteData, load_federation
+from common.data.federation import load_federation
+from common.data.site_loader import load_site_images
+from common.data.splits import SiteData
 from common.federation_config import ConfigError, FederationConfig
 from common.messages import SITE_NAME_PATTERN
-from common.site_images import load_site_images
 
 SiteLoader = Callable[[FederationConfig], Sequence[SiteData]]
 

@@ -50,7 +50,7 @@ class FederationConfig:
         The simulated sites' data set: a MedMNIST flag (file ``<dataset>.npz``), a
         path to an npz file in MedMNIST layout, ``fashion-mnist`` (Debian package
         ``dataset-fashion-mnist``) or an ImageFolder tree (see
-        :func:`common.image_datasets.load_image_dataset`).
+        :func:`common.data.datasets.load_image_dataset`).
     data_dir : str (default: "")
         Directory holding the data file; empty: ``$FEDSHIFT_DATA_DIR``, then ``~/.medmnist``.
     image_size : int (default: 64)

@@ -25,7 +25,7 @@ from flwr.app import ArrayRecord
 from client.privacy_ledger import PrivacyLedger
 from client.site_runtime import SiteRuntime, resolve_device, resolve_site, simulated_ledger_path
 from client.site_work import site_model, train_site
-from common.federated_data import SiteData
+from common.data.splits import SiteData
 from common.federation_config import FederationConfig
 from common.messages import Request
 from common.model_surgery import FedShiftModel, build_model

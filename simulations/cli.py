@@ -17,17 +17,17 @@ from typing import Any
 
 from client.release_policy import SitePolicy
 from common.backbones import BACKBONES
+from common.data.datasets import (
+    dataset_channels,
+    describe_source,
+    load_image_dataset,
+)
+from common.data.splits import ImageSplits
 from common.federation_config import (
     NONPRIVATE_RECIPE,
     ConfigError,
     FederationConfig,
 )
-from common.image_datasets import (
-    dataset_channels,
-    describe_source,
-    load_image_dataset,
-)
-from common.medmnist_files import ImageSplits
 from common.transfer_mode import MODES_HELP
 from server.aggregators import AGGREGATORS
 from simulations.scenario import load_scenario

@@ -30,9 +30,10 @@ from client.release_policy import SitePolicy
 from client.site_runtime import resolve_device, resolve_site, simulated_ledger_path
 from client.site_work import site_model
 from common.classification_metrics import classification_metrics
-from common.federated_data import SiteData, load_federation
+from common.data.datasets import load_image_dataset
+from common.data.federation import load_federation
+from common.data.splits import SiteData
 from common.federation_config import FederationConfig
-from common.image_datasets import load_image_dataset
 from common.model_blend import BlendedModel
 from common.model_surgery import FedShiftModel
 from common.prediction import CalibratedPredictions, calibrated_predictions

@@ -49,17 +49,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.federated_data import SiteData
+from common.data.partition import PoolTooSmall, binary_class_probs, class_counts, draw_disjoint
+from common.data.splits import POOL, SITE_SPLITS, SPLITS, ImageSplits, SiteData
+from common.data.tensors import to_model_input
 from common.federation_config import ConfigError, FederationConfig
-from common.image_tensors import to_model_input
-from common.medmnist_files import SPLITS, ImageSplits
 from common.messages import SITE_NAME_PATTERN
 from simulations.covariate_shift import SHIFTS, apply_shift
 
 logger = logging.getLogger(__name__)
 
-POOL = "pool"
-SITE_SPLITS = (*SPLITS, POOL)
 NO_SHIFT = "none"
 COVARIATE_KINDS = (NO_SHIFT, *SHIFTS)
 SCENARIOS_DIR = Path(__file__).resolve().parent / "scenarios"
@@ -538,42 +536,29 @@ class SiteTruth:
         return out
 
 
-def _class_counts(size: int, class_one: float) -> tuple[int, int]:
-    positives = _round_half_up(size * class_one)
-    return size - positives, positives
-
-
 def _draw_rows(scenario: Scenario, labels: np.ndarray, source: str
                ) -> list[dict[str, np.ndarray]]:
     """Disjoint rows per site and split with the requested class mixes."""
-    need = np.array([[sum(_class_counts(site.size(s), site.class_one_fraction(s))[c]
-                          for s in SITE_SPLITS) for c in (0, 1)] for site in scenario.sites])
-    have = np.bincount(labels, minlength=2)
-    for c in (0, 1):
-        if need[:, c].sum() > have[c]:
-            per_site = ", ".join(f"{site.name} {n}" for site, n in
-                                 zip(scenario.sites, need[:, c], strict=True))
-            raise ScenarioError(
-                f"{scenario.where}: the sites need {need[:, c].sum()} images of class {c} "
-                f"({per_site}) but {source} has {have[c]} (train, val and test together); "
-                "reduce the sites' sizes (train/val/test/pool) or the share of class "
-                f"{c} in their prevalences"
-            )
+    # (sites, splits, classes): class 1 rounded half up, as build_sites promises
+    counts = np.array([[class_counts(site.size(s), mix) for s, mix in zip(
+        SITE_SPLITS, binary_class_probs([site.class_one_fraction(s) for s in SITE_SPLITS]),
+        strict=True)] for site in scenario.sites])
     rng = np.random.default_rng([scenario.seed, _SAMPLING_STREAM])
-    pools = [rng.permutation(np.flatnonzero(labels == c)) for c in (0, 1)]
-    taken = [0, 0]
-    out = []
-    for site in scenario.sites:
-        rows = {}
-        for split in SITE_SPLITS:
-            picked = []
-            for c, count in enumerate(_class_counts(site.size(split),
-                                                    site.class_one_fraction(split))):
-                picked.append(pools[c][taken[c]:taken[c] + count])
-                taken[c] += count
-            rows[split] = rng.permutation(np.concatenate(picked))
-        out.append(rows)
-    return out
+    try:
+        parts = draw_disjoint(labels, counts.reshape(-1, 2), rng)
+    except PoolTooSmall as short:
+        per_site = ", ".join(f"{site.name} {n}" for site, n in
+                             zip(scenario.sites, counts[:, :, short.label].sum(axis=1),
+                                 strict=True))
+        raise ScenarioError(
+            f"{scenario.where}: the sites need {short.needed} images of class {short.label} "
+            f"({per_site}) but {source} has {short.available} (train, val and test "
+            "together); reduce the sites' sizes (train/val/test/pool) or the share of class "
+            f"{short.label} in their prevalences"
+        ) from None
+    cells = len(SITE_SPLITS)
+    return [dict(zip(SITE_SPLITS, parts[i:i + cells], strict=True))
+            for i in range(0, len(parts), cells)]
 
 
 def _prior(labels: np.ndarray, num_classes: int) -> tuple[float, ...]:

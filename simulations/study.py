@@ -59,7 +59,8 @@ from typing import Any
 
 import numpy as np
 
-from common.federated_data import SiteData, load_federation
+from common.data.federation import load_federation
+from common.data.splits import SiteData
 from common.federation_config import ConfigError, FederationConfig
 from server.run_records import write_json
 from server.run_report import RESULTS_FILE

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from common import medmnist_files
+from common.data import medmnist_npz
 from tests.site_files import write_medmnist_slice
 
 SHARED_NPZ = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pneumoniamnist.npz"
@@ -20,7 +20,7 @@ def no_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
     def offline(*args: object, **kwargs: object) -> None:
         raise urllib.error.URLError("tests do not download")
 
-    monkeypatch.setattr(medmnist_files.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(medmnist_npz.urllib.request, "urlopen", offline)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ import pytest
 from flwr.app import Array, ArrayRecord
 
 from client.site_norms import load_statistics, save_statistics
-from common import medmnist_files
 from common.atomic_files import (
     atomic_write,
     atomic_write_bytes,
@@ -27,7 +26,8 @@ from common.atomic_files import (
     save_arrays,
     save_npz,
 )
-from common.medmnist_files import DataFileError
+from common.data import medmnist_npz
+from common.data.splits import DataFileError
 from common.norm_adaptation import NormStatistics
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server.run_records import write_json
@@ -246,7 +246,7 @@ class _Response(io.BytesIO):
 
 
 def _serve(monkeypatch: pytest.MonkeyPatch, response: _Response) -> None:
-    monkeypatch.setattr(medmnist_files.urllib.request, "urlopen",
+    monkeypatch.setattr(medmnist_npz.urllib.request, "urlopen",
                         lambda url, timeout: response)
 
 
@@ -255,7 +255,7 @@ def test_a_download_takes_its_name_only_when_complete_and_verified(
     data = b"npz bytes " * 1000
     target = tmp_path / "data" / "x.npz"
     _serve(monkeypatch, _Response(data))
-    medmnist_files._download("https://example.org/x.npz", hashlib.md5(data).hexdigest(), target)
+    medmnist_npz._download("https://example.org/x.npz", hashlib.md5(data).hexdigest(), target)
     assert target.read_bytes() == data
     assert ("file", target.stat().st_ino) in fsyncs
     assert ("dir", target.parent.stat().st_ino) in fsyncs
@@ -267,7 +267,7 @@ def test_a_download_with_the_wrong_checksum_leaves_nothing(
     target = tmp_path / "x.npz"
     _serve(monkeypatch, _Response(b"tampered"))
     with pytest.raises(DataFileError, match="checksum"):
-        medmnist_files._download("https://example.org/x.npz", "0" * 32, target)
+        medmnist_npz._download("https://example.org/x.npz", "0" * 32, target)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -276,5 +276,5 @@ def test_an_interrupted_download_leaves_nothing(
     target = tmp_path / "x.npz"
     _serve(monkeypatch, _Response(b"a" * 100, fail_after=10))
     with pytest.raises(ConnectionResetError):
-        medmnist_files._download("https://example.org/x.npz", None, target)
+        medmnist_npz._download("https://example.org/x.npz", None, target)
     assert list(tmp_path.iterdir()) == []

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common import medmnist_files
+from common.data import medmnist_npz
 from fedshift_cli import main
 
 
@@ -62,7 +62,7 @@ def test_the_default_runs_offline_on_the_shipped_copy_and_says_so_first(
         main(["simulate", "--out", str(tmp_path / "out")])
     assert captured.value.args[0].num_classes == 2
     first_line = capsys.readouterr().out.splitlines()[0]
-    shipped = medmnist_files.SHIPPED_DIR / "pneumoniamnist.npz"
+    shipped = medmnist_npz.SHIPPED_DIR / "pneumoniamnist.npz"
     assert first_line == (
         f"data: {shipped} (shipped copy, 28 px, upsampled to 64 px); place "
         f"pneumoniamnist_64.npz in {tmp_path / '.medmnist'} for native resolution")
@@ -100,7 +100,7 @@ def test_with_an_empty_home_and_no_network_the_default_command_runs_to_its_repor
                  "--prevalences", "0.5,0.8", "--own-model-epochs", "1",
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith(f"data: {medmnist_files.SHIPPED_DIR / 'pneumoniamnist.npz'} "
+    assert printed.startswith(f"data: {medmnist_npz.SHIPPED_DIR / 'pneumoniamnist.npz'} "
                               "(shipped copy, 28 px")
     results = json.loads((out / "results.json").read_text())
     assert [s["epsilon_spent"] <= 1.0 for s in results["sites"]] == [True, True]

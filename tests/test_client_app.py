@@ -19,7 +19,7 @@ from client.release_policy import SitePolicy
 from client.site_norms import load_statistics
 from client.site_runtime import resolve_site
 from client.site_work import evaluate_site, site_model
-from common.federated_data import load_federation
+from common.data.federation import load_federation
 from common.federation_config import ConfigError, FederationConfig
 from common.frozen_batchnorm import FrozenNorm
 from common.messages import (

@@ -14,16 +14,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import medmnist_files
-from common.image_datasets import describe_source, load_image_dataset
-from common.image_tensors import to_model_input
-from common.medmnist_files import (
+from common.data import medmnist_npz
+from common.data.datasets import describe_source, load_image_dataset
+from common.data.medmnist_npz import (
     SHIPPED_DIR,
-    DataFileError,
     find_medmnist_file,
     load_medmnist,
 )
-from common.site_partition import binary_class_probs, partition_by_class_probs
+from common.data.partition import (
+    PoolTooSmall,
+    binary_class_probs,
+    class_counts,
+    draw_disjoint,
+    partition_by_class_probs,
+)
+from common.data.splits import DataFileError
+from common.data.tensors import to_model_input
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = SHIPPED_DIR / "pneumoniamnist.npz"
@@ -89,7 +95,7 @@ def test_a_native_download_comes_before_a_28px_file_and_lands_in_the_first_place
         fetched.append((url, target))
         target.write_bytes(b"x")
 
-    monkeypatch.setattr(medmnist_files, "_download", serve)
+    monkeypatch.setattr(medmnist_npz, "_download", serve)
     (places["home"] / "pneumoniamnist.npz").write_bytes(b"x")
     found = find_medmnist_file("pneumoniamnist", places["explicit"], image_size=64)
     assert found == places["explicit"] / "pneumoniamnist_64.npz" and found.is_file()
@@ -100,7 +106,7 @@ def test_a_native_download_comes_before_a_28px_file_and_lands_in_the_first_place
 def test_offline_the_28px_file_is_upsampled_and_the_log_says_where_the_native_one_goes(
         places: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
     path = write_medmnist(places["env"] / "pneumoniamnist.npz", side=28)
-    with caplog.at_level(logging.INFO, logger="common.medmnist_files"):
+    with caplog.at_level(logging.INFO, logger="common.data.medmnist_npz"):
         splits = load_image_dataset("pneumoniamnist", str(places["explicit"]), image_size=64)
     assert splits.source == path
     messages = [r.getMessage() for r in caplog.records]
@@ -161,10 +167,10 @@ def test_code_without_data_files_finds_the_installed_copy(
             return json.dumps({"dir_info": {"editable": True}, "url": url}) \
                 if name == "direct_url.json" else None
 
-    monkeypatch.setattr(medmnist_files, "SHIPPED_DIR", tmp_path / "app" / "data_files")
-    monkeypatch.setattr(medmnist_files.metadata, "distribution", lambda name: EditableInstall())
-    assert medmnist_files.shipped_file("pneumoniamnist") == data_files / "pneumoniamnist.npz"
-    assert medmnist_files.shipped_file("bloodmnist") is None
+    monkeypatch.setattr(medmnist_npz, "SHIPPED_DIR", tmp_path / "app" / "data_files")
+    monkeypatch.setattr(medmnist_npz.metadata, "distribution", lambda name: EditableInstall())
+    assert medmnist_npz.shipped_file("pneumoniamnist") == data_files / "pneumoniamnist.npz"
+    assert medmnist_npz.shipped_file("bloodmnist") is None
 
 
 def test_missing_file_offline_names_the_file_and_where_to_put_it(
@@ -177,7 +183,7 @@ def test_missing_file_offline_names_the_file_and_where_to_put_it(
         urls.append(url)
         raise urllib.error.URLError("network unreachable")
 
-    monkeypatch.setattr(medmnist_files.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(medmnist_npz.urllib.request, "urlopen", offline)
     with pytest.raises(DataFileError) as err:
         find_medmnist_file("bloodmnist", image_size=64)
     message = str(err.value)
@@ -196,7 +202,7 @@ def test_a_bad_native_download_does_not_stop_the_28px_one(
             raise DataFileError(f"download of {url} has the wrong checksum; try again")
         target.write_bytes(b"x")
 
-    monkeypatch.setattr(medmnist_files, "_download", serve)
+    monkeypatch.setattr(medmnist_npz, "_download", serve)
     assert find_medmnist_file("bloodmnist", image_size=64) == places["env"] / "bloodmnist.npz"
 
 
@@ -251,3 +257,49 @@ def test_partition_refuses_an_impossible_size() -> None:
     with pytest.raises(ValueError, match="at most"):
         partition_by_class_probs(labels, binary_class_probs([0.5, 0.5]), np.random.default_rng(0),
                                  size=50)
+
+
+@pytest.mark.parametrize(("size", "probs", "expected"), [
+    (10, [0.33, 0.33, 0.34], [3, 3, 4]),  # the largest remainder rounds up
+    (1, [0.4, 0.2, 0.4], [0, 0, 1]),  # never the smallest quota; ties: the higher class
+    (5, [0.5, 0.5], [2, 3]),  # two classes: class 1 rounded half up
+    (75, [0.82, 0.18], [61, 14]),  # a tie, though 75 * 0.82 is 61.49999999999999 in floats
+    (7, [0.0, 1.0], [0, 7]),
+    (0, [0.3, 0.7], [0, 0]),
+])
+def test_class_counts_fill_the_size_and_round_each_quota(size: int, probs: list[float],
+                                                         expected: list[int]) -> None:
+    assert class_counts(size, np.array(probs)).tolist() == expected
+
+
+def test_class_counts_of_two_classes_round_class_one_half_up() -> None:
+    for prevalence in np.linspace(0, 1, 201):
+        for size in range(0, 400, 7):
+            counts = class_counts(size, binary_class_probs([prevalence])[0])
+            assert counts.sum() == size
+            assert counts[1] == np.floor(size * prevalence + 0.5)
+
+
+def test_draw_disjoint_gives_every_part_its_counts_and_no_example_twice() -> None:
+    labels = np.random.default_rng(3).integers(0, 3, 500)
+    counts = np.array([[10, 0, 5], [3, 30, 7], [0, 0, 0], [20, 20, 20]])
+    parts = draw_disjoint(labels, counts, np.random.default_rng(0))
+    for part, row in zip(parts, counts, strict=True):
+        assert np.bincount(labels[part], minlength=3).tolist() == row.tolist()
+    combined = np.concatenate(parts)
+    assert len(np.unique(combined)) == len(combined) == counts.sum()
+
+
+def test_draw_disjoint_names_the_class_the_pool_lacks() -> None:
+    labels = np.array([0] * 10 + [1] * 4)
+    with pytest.raises(PoolTooSmall, match="need 5 examples of class 1 but the pool has 4") as err:
+        draw_disjoint(labels, np.array([[2, 3], [2, 2]]), np.random.default_rng(0))
+    assert (err.value.label, err.value.needed, err.value.available) == (1, 5, 4)
+
+
+def test_partition_gives_every_site_the_class_counts_of_its_mix() -> None:
+    labels = np.random.default_rng(1).integers(0, 4, 3000)
+    mixes = np.random.default_rng(2).dirichlet(np.ones(4), size=3)
+    sites = partition_by_class_probs(labels, mixes, np.random.default_rng(0), size=250)
+    for idx, mix in zip(sites, mixes, strict=True):
+        assert np.bincount(labels[idx], minlength=4).tolist() == class_counts(250, mix).tolist()

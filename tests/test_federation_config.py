@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from common.backbones import BackboneError
-from common.federated_data import load_federation
+from common.data.federation import load_federation
 from common.federation_config import NONPRIVATE_RECIPE, ConfigError, FederationConfig
 
 

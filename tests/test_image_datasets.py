@@ -11,24 +11,23 @@ import numpy as np
 import pytest
 import torch
 
-from common import image_datasets
-from common.federated_data import (
-    SiteData,
+from common.data import fashion_mnist_idx
+from common.data.datasets import dataset_channels, load_image_dataset
+from common.data.fashion_mnist_idx import (
+    FASHION_MNIST_FILES,
+    IDX_IMAGES_MAGIC,
+    IDX_LABELS_MAGIC,
+    read_idx,
+)
+from common.data.federation import (
     class_frequencies,
     dirichlet_class_mixes,
     load_federation,
 )
+from common.data.image_files import fit_image
+from common.data.partition import binary_class_probs, partition_by_class_probs
+from common.data.splits import SPLITS, DataFileError, SiteData
 from common.federation_config import ConfigError, FederationConfig
-from common.image_datasets import (
-    FASHION_MNIST_FILES,
-    IDX_IMAGES_MAGIC,
-    IDX_LABELS_MAGIC,
-    dataset_channels,
-    load_image_dataset,
-    read_idx,
-)
-from common.medmnist_files import SPLITS, DataFileError
-from common.site_partition import binary_class_probs, partition_by_class_probs
 from tests.site_files import random_image, write_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,7 +173,7 @@ def test_fashion_mnist_lookup_env_then_error_naming_the_package(
     monkeypatch.setenv("FEDSHIFT_DATA_DIR", str(tmp_path / "env"))
     assert load_image_dataset("fashion-mnist").source == tmp_path / "env" / "fashion-mnist"
     monkeypatch.delenv("FEDSHIFT_DATA_DIR")
-    monkeypatch.setattr(image_datasets, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(fashion_mnist_idx, "SYSTEM_FASHION_MNIST_DIR", tmp_path / "nowhere")
     with pytest.raises(DataFileError, match="apt-get install dataset-fashion-mnist"):
         load_image_dataset("fashion-mnist", str(tmp_path / "empty"))
 
@@ -236,9 +235,7 @@ def test_unknown_name_lists_the_kinds_of_data_set(tmp_path: Path,
 # --- image folders ------------------------------------------------------------------------
 
 
-def test_flat_folder_is_split_80_10_10_per_class_at_the_most_common_size(
-    tmp_path: Path,
-) -> None:
+def test_flat_folder_is_split_70_15_15_per_class_at_the_image_size(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for name in ("zebra", "ant", "mole"):
         for i in range(20):
@@ -247,22 +244,21 @@ def test_flat_folder_is_split_80_10_10_per_class_at_the_most_common_size(
     grey_as_rgb = np.repeat(random_image(rng, 20, 24)[..., None], 3, axis=-1)
     write_png(tmp_path / "tree" / "ant" / "rgb-but-grey.png", grey_as_rgb)
     (tmp_path / "tree" / "ant" / "notes.txt").write_text("not an image")
-    splits = load_image_dataset(str(tmp_path / "tree"), seed=1)
+    splits = load_image_dataset(str(tmp_path / "tree"), seed=1, image_size=SIZE)
     assert splits.source == tmp_path / "tree" and splits.num_classes == 3
     assert dataset_channels(splits) == 1
     counts = {s: np.bincount(v, minlength=3).tolist() for s, v in splits.labels.items()}
-    # ant (label 0) has 21 readable images: 17 / 2 / 2
-    assert counts == {"train": [17, 16, 16], "val": [2, 2, 2], "test": [2, 2, 2]}
+    # ant (label 0) has 22 files, split 16 / 3 / 3; notes.txt, in val, is skipped
+    assert counts == {"train": [16, 14, 14], "val": [2, 3, 3], "test": [3, 3, 3]}
     for split in SPLITS:
-        assert splits.images[split].shape[1:] == (20, 24)
+        assert splits.images[split].shape[1:] == (SIZE, SIZE)
         assert splits.images[split].dtype == np.uint8
     rows = {s: {x.tobytes() for x in splits.images[s]} for s in SPLITS}
     assert not (rows["train"] & rows["val"] or rows["train"] & rows["test"]
                 or rows["val"] & rows["test"])
-    again = load_image_dataset(str(tmp_path / "tree"), seed=1)
-    assert all(np.array_equal(again.images[s], splits.images[s]) for s in SPLITS)
-    other = load_image_dataset(str(tmp_path / "tree"), seed=2)
-    assert not np.array_equal(other.images["val"], splits.images["val"])
+    # the split is the folder's own, as at a deployed site: no seed moves it
+    other_seed = load_image_dataset(str(tmp_path / "tree"), seed=2, image_size=SIZE)
+    assert all(np.array_equal(other_seed.images[s], splits.images[s]) for s in SPLITS)
 
 
 def test_split_folder_tree_in_colour(tmp_path: Path) -> None:
@@ -274,25 +270,25 @@ def test_split_folder_tree_in_colour(tmp_path: Path) -> None:
                           rng.integers(0, 256, (12, 10, 3), dtype=np.uint8))
     grey = random_image(rng, 12, 10)
     write_png(tmp_path / "test" / "b" / "grey.png", grey)
-    splits = load_image_dataset(str(tmp_path))
+    splits = load_image_dataset(str(tmp_path), image_size=SIZE)
     assert dataset_channels(splits) == 3 and splits.num_classes == 2
     assert {s: len(v) for s, v in splits.labels.items()} == {"train": 8, "val": 4, "test": 3}
     assert splits.labels["train"].tolist() == [0] * 4 + [1] * 4
-    assert splits.images["test"].shape == (3, 12, 10, 3)
+    assert splits.images["test"].shape == (3, SIZE, SIZE, 3)
     last = splits.images["test"][-1]  # b/grey.png sorts after b/0.png
-    assert np.array_equal(last[..., 0], grey) and np.array_equal(last[..., 2], grey)
+    assert np.array_equal(last, fit_image(grey, 3, SIZE))
 
 
-def test_partial_split_folders_name_the_80_10_10_split(tmp_path: Path) -> None:
+def test_partial_split_folders_name_the_70_15_15_split(tmp_path: Path) -> None:
     write_png(tmp_path / "train" / "a" / "x.png", random_image(np.random.default_rng(0)))
-    with pytest.raises(DataFileError, match=r"lacks val, test.* folders 80/10/10"):
+    with pytest.raises(DataFileError, match=r"lacks val, test.* folders 70/15/15"):
         load_image_dataset(str(tmp_path))
 
 
 def test_folder_without_images_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.txt").write_text("text")
-    with pytest.raises(DataFileError, match=r"no image in .* could be read"):
+    with pytest.raises(DataFileError, match=r"no labelled image in .* could be read"):
         load_image_dataset(str(tmp_path))
 
 

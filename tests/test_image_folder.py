@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from common.image_files import (
+from common.data.datasets import load_image_dataset
+from common.data.image_files import (
     UnreadableImage,
     fit_image,
     match_channels,
@@ -19,9 +22,10 @@ from common.image_files import (
     read_picture,
     window_to_uint8,
 )
-from common.image_folder import POOL, SPLIT_FRACTIONS, load_image_tree
-from common.medmnist_files import DataFileError
-from common.site_images import load_site_images
+from common.data.image_folder import SPLIT_FRACTIONS, load_image_tree
+from common.data.site_loader import load_site_images
+from common.data.splits import POOL, SPLITS, DataFileError
+from common.data.tensors import to_model_input
 from tests.site_files import random_image, write_class_tree, write_dicom, write_png
 
 SIZE = 16
@@ -40,13 +44,13 @@ def test_split_layout_reads_every_split_with_sorted_class_labels(tmp_path: Path)
     write_png(tmp_path / "deploy" / "ward-3" / "p1.png", random_image(rng))
     tree = load_image_tree(tmp_path, read_picture, channels=1, size=SIZE)
     assert tree.class_names == ("cat", "dog")
-    assert {s: len(x) for s, x in tree.images.items()} == {"train": 7, "val": 3, "test": 3,
+    assert {s: len(x) for s, x in tree.splits.images.items()} == {"train": 7, "val": 3, "test": 3,
                                                            POOL: 2}
-    assert tree.labels["train"].tolist() == [0, 0, 0, 0, 1, 1, 1]
-    assert tree.labels["test"].tolist() == [0, 1, 1]
-    assert POOL not in tree.labels  # the pool is unlabelled; subfolder names are no labels
-    assert tree.images["train"].shape == (7, SIZE, SIZE)
-    assert tree.images["train"].dtype == np.uint8
+    assert tree.splits.labels["train"].tolist() == [0, 0, 0, 0, 1, 1, 1]
+    assert tree.splits.labels["test"].tolist() == [0, 1, 1]
+    assert POOL not in tree.splits.labels  # the pool is unlabelled; subfolder names are no labels
+    assert tree.splits.images["train"].shape == (7, SIZE, SIZE)
+    assert tree.splits.images["train"].dtype == np.uint8
     assert tree.skipped == ()
     assert tree.min_size == (20, 20) and tree.max_size == (24, 24)
 
@@ -90,15 +94,63 @@ def test_class_layout_is_split_70_15_15_per_class_deterministically(tmp_path: Pa
     write_class_tree(tmp_path, {"neg": 20, "pos": 40})
     first = load_image_tree(tmp_path, read_picture, 1, SIZE)
     again = load_image_tree(tmp_path, read_picture, 1, SIZE)
-    other_seed = load_image_tree(tmp_path, read_picture, 1, SIZE, split_seed=1)
-    counts = {s: np.bincount(first.labels[s], minlength=2).tolist() for s in SPLIT_FRACTIONS}
+    counts = {s: np.bincount(first.splits.labels[s], minlength=2).tolist()
+              for s in SPLIT_FRACTIONS}
     assert counts == {"train": [14, 28], "val": [3, 6], "test": [3, 6]}
     for split in SPLIT_FRACTIONS:
-        assert np.array_equal(first.images[split], again.images[split])
-    assert not np.array_equal(first.images["train"], other_seed.images["train"])
+        assert np.array_equal(first.splits.images[split], again.splits.images[split])
     # every file lands in exactly one split
-    all_images = np.concatenate([first.images[s] for s in SPLIT_FRACTIONS])
+    all_images = np.concatenate([first.splits.images[s] for s in SPLIT_FRACTIONS])
     assert len({img.tobytes() for img in all_images}) == 60
+
+
+def test_the_split_of_a_class_folder_stays_what_sites_already_have(tmp_path: Path) -> None:
+    # Hospitals' files are split by this rule; a change would move them between splits.
+    write_class_tree(tmp_path, {"neg": 20})
+    tree = load_image_tree(tmp_path, read_picture, 1, SIZE)
+    names = {fit_image(read_picture(p), 1, SIZE).tobytes(): p.name
+             for p in (tmp_path / "neg").iterdir()}
+    held_out = {s: sorted(names[x.tobytes()] for x in tree.splits.images[s])
+                for s in ("val", "test")}
+    assert held_out == {"val": ["005.png", "013.png", "015.png"],
+                        "test": ["002.png", "004.png", "014.png"]}
+
+
+def test_without_channels_the_tree_keeps_its_own(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    grey = random_image(rng)
+    write_png(tmp_path / "a" / "grey.png", grey)
+    write_png(tmp_path / "a" / "grey-as-rgb.png", np.repeat(grey[..., None], 3, axis=-1))
+    write_png(tmp_path / "deploy" / "p.png", random_image(rng))
+    as_read = load_image_tree(tmp_path, read_picture, None, SIZE, pool=False)
+    assert as_read.splits.images["train"].shape[1:] == (SIZE, SIZE)  # RGB of equal channels
+    assert POOL not in as_read.splits.images
+    colour = rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)
+    write_png(tmp_path / "b" / "colour.png", colour)
+    mixed = load_image_tree(tmp_path, read_picture, None, SIZE)
+    assert np.array_equal(mixed.splits.images["train"],
+                          load_image_tree(tmp_path, read_picture, 3, SIZE).splits.images["train"])
+    assert mixed.splits.images[POOL].shape == (1, SIZE, SIZE, 3)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_simulation_and_a_deployed_site_read_a_folder_alike(tmp_path: Path,
+                                                             channels: int) -> None:
+    write_class_tree(tmp_path, {"normal": 23, "pneumonia": 17, "covid": 9})
+    rng = np.random.default_rng(4)
+    if channels == 3:
+        write_png(tmp_path / "covid" / "colour.png",
+                  rng.integers(0, 256, (31, 27, 3), dtype=np.uint8))
+    write_png(tmp_path / "deploy" / "unlabelled.png", random_image(rng))
+    (tmp_path / "normal" / "broken.png").write_bytes(b"not a picture")
+    simulated = load_image_dataset(str(tmp_path), image_size=SIZE)
+    deployed = load_site_images(tmp_path, "imagefolder", channels, SIZE, "s").data
+    assert simulated.num_classes == deployed.num_classes == 3
+    for split in SPLITS:  # the same files in each split, in the same order, same pixels
+        assert torch.equal(to_model_input(simulated.images[split], SIZE),
+                           deployed.images[split])
+        assert torch.equal(torch.from_numpy(simulated.labels[split]), deployed.labels[split])
+    assert all(len(deployed.images[s]) for s in SPLITS)
 
 
 def test_adding_a_file_moves_few_others_between_splits(tmp_path: Path) -> None:
@@ -106,8 +158,8 @@ def test_adding_a_file_moves_few_others_between_splits(tmp_path: Path) -> None:
     before = load_image_tree(tmp_path, read_picture, 1, SIZE)
     write_png(tmp_path / "neg" / "new.png", np.full((20, 24), 7, dtype=np.uint8))
     after = load_image_tree(tmp_path, read_picture, 1, SIZE)
-    test_before = {img.tobytes() for img in before.images["test"]}
-    test_after = {img.tobytes() for img in after.images["test"]}
+    test_before = {img.tobytes() for img in before.splits.images["test"]}
+    test_after = {img.tobytes() for img in after.splits.images["test"]}
     assert len(test_before ^ test_after) <= 2
 
 
@@ -261,3 +313,15 @@ def test_exif_orientation_is_applied_and_alpha_dropped(tmp_path: Path) -> None:
     path = tmp_path / "phone.png"
     Image.fromarray(np.zeros((10, 20, 4), dtype=np.uint8)).save(path, exif=exif)
     assert read_picture(path).shape == (20, 10, 3)
+
+
+def test_the_site_loader_loads_nothing_meant_for_simulation() -> None:
+    probe = ("import sys, common.data.site_loader; print(' '.join(sorted(m for m in sys.modules "
+             "if m.startswith(('common.', 'simulations', 'client', 'server')))))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            check=True, cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    assert "common.data.site_loader" in loaded
+    simulation_only = {"common.data.federation", "common.data.partition",
+                       "common.data.datasets", "common.data.fashion_mnist_idx"}
+    assert not simulation_only & set(loaded)
+    assert not [m for m in loaded if m.startswith(("simulations", "client", "server"))]

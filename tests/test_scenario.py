@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
+from common.data.medmnist_npz import load_medmnist
+from common.data.splits import SITE_SPLITS, SPLITS, ImageSplits
+from common.data.tensors import to_model_input
 from common.federation_config import ConfigError
-from common.image_tensors import to_model_input
-from common.medmnist_files import SPLITS, ImageSplits, load_medmnist
 from simulations.covariate_shift import SHIFTS, apply_shift
 from simulations.scenario import (
     CONCEPT_RULES,
     SCENARIOS_DIR,
-    SITE_SPLITS,
     ConceptSpec,
     CovariateSpec,
     Scenario,

@@ -17,7 +17,8 @@ from client.privacy_ledger import PrivacyLedger
 from client.release_policy import SitePolicy
 from client.site_config import load_site_config
 from client.site_norms import load_statistics
-from common.federated_data import SiteData, load_federation
+from common.data.federation import load_federation
+from common.data.splits import SiteData
 from common.federation_config import FederationConfig
 from common.frozen_batchnorm import FrozenNorm
 from common.messages import ERROR_BAD_REQUEST, ERROR_BUDGET_EXCEEDED

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from client.site_norms import norms_path, save_statistics
-from common.federated_data import load_federation
+from common.data.federation import load_federation
 from common.federation_config import FederationConfig
 from common.model_surgery import build_model
 from common.norm_adaptation import NormStatistics, adapted_layers

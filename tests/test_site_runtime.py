@@ -10,10 +10,8 @@ import torch
 from client.privacy_ledger import LedgerError, PrivacyLedger
 from client.site_config import load_site_config
 from client.site_runtime import resolve_site
-from common.federated_data import SiteData
+from common.data.splits import POOL, DataFileError, SiteData
 from common.federation_config import ConfigError, FederationConfig
-from common.image_folder import POOL
-from common.medmnist_files import DataFileError
 from common.privacy_accounting import GaussianRelease
 from tests.site_files import site_toml, write_site
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.federated_data import SiteData
+from common.data.splits import SiteData
 from simulations.study import (
     Cell,
     StudyError,

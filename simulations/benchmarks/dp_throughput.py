@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from client.local_training import LocalTrainingConfig, train_locally
-from common.federated_data import load_federation
+from common.data.federation import load_federation
 from common.federation_config import FederationConfig
 from common.model_surgery import build_model
 from common.trainable_arrays import full_model_bytes, record_bytes, trainable_arrays

@@ -20,7 +20,6 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import BinaryIO
@@ -28,33 +27,19 @@ from typing import BinaryIO
 import numpy as np
 
 from common.atomic_files import atomic_write
+from common.data.splits import SPLITS, DataFileError, ImageSplits
 
 logger = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "FEDSHIFT_DATA_DIR"
-SPLITS = ("train", "val", "test")
 BASE_SIDE = 28
 """Side in pixels of the images in ``<flag>.npz``."""
 NATIVE_SIDES = (64, 128, 224)
 """Sides MedMNIST+ publishes besides 28, as ``<flag>_<side>.npz``."""
-SHIPPED_DIR = Path(__file__).resolve().parent / "data_files"
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "data_files"
 """Where the package keeps its own copy of PneumoniaMNIST (28 px; CC BY 4.0, see its README)."""
 _SHIPPED_IN_DISTRIBUTION = "common/data_files"
 _UPSAMPLING_SAID: set[tuple[Path, int]] = set()
-
-
-class DataFileError(FileNotFoundError):
-    """A data file is missing, cannot be downloaded, or does not have the expected content."""
-
-
-@dataclass(frozen=True)
-class ImageSplits:
-    """Images (N, H, W) or (N, H, W, C) uint8 and integer labels (N,) per split."""
-
-    images: dict[str, np.ndarray]
-    labels: dict[str, np.ndarray]
-    num_classes: int
-    source: Path
 
 
 def candidate_dirs(data_dir: str | Path | None = None) -> list[Path]:

@@ -1,13 +1,14 @@
 """A deployed site's own data, from a MedMNIST file, an image tree or a DICOM tree.
 
 :func:`load_site_images` turns the site's data path into a
-:class:`common.federated_data.SiteData` at the run's image size, with the
+:class:`common.data.splits.SiteData` at the run's image size, with the
 site's channel count, and reports what it skipped. Loads are cached per
 (path, format, channels, image size, site name) within a process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -15,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from common.federated_data import SiteData
-from common.image_files import match_channels, read_dicom, read_picture
-from common.image_folder import SkippedFile, TreeImages, load_image_tree
-from common.image_tensors import to_model_input
-from common.medmnist_files import SPLITS, load_medmnist
+from common.data.image_files import match_channels, read_dicom, read_picture
+from common.data.image_folder import SkippedFile, TreeImages, load_image_tree
+from common.data.medmnist_npz import load_medmnist
+from common.data.splits import SPLITS, SiteData
+from common.data.tensors import to_model_input
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +52,9 @@ def _from_medmnist(path: Path, channels: int) -> TreeImages:
     splits = load_medmnist(path)
     heights = [splits.images[s].shape[1] for s in SPLITS]
     widths = [splits.images[s].shape[2] for s in SPLITS]
+    matched = {s: match_channels(splits.images[s], channels, stacked=True) for s in SPLITS}
     return TreeImages(
-        images={s: match_channels(splits.images[s], channels, stacked=True) for s in SPLITS},
-        labels=splits.labels,
+        splits=dataclasses.replace(splits, images=matched),
         class_names=tuple(str(i) for i in range(splits.num_classes)),
         skipped=(), min_size=(min(heights), min(widths)), max_size=(max(heights), max(widths)),
     )
@@ -68,7 +69,7 @@ def load_site_images(path: Path, data_format: str, channels: int, image_size: in
     ----------
     path : Path
         A MedMNIST ``.npz`` file, or the root of an image or DICOM tree (layouts in
-        :mod:`common.image_folder`).
+        :mod:`common.data.image_folder`).
     data_format : str
         ``medmnist``, ``imagefolder`` (pictures Pillow reads) or ``dicom``.
     channels : int
@@ -99,8 +100,8 @@ def load_site_images(path: Path, data_format: str, channels: int, image_size: in
         tree = load_image_tree(Path(path), reader, channels, image_size)
     else:
         raise ValueError(f"data format must be one of {', '.join(FORMATS)}, got {data_format!r}")
-    images = {s: to_model_input(x, image_size) for s, x in tree.images.items()}
-    labels = {s: torch.from_numpy(y) for s, y in tree.labels.items()}
+    images = {s: to_model_input(x, image_size) for s, x in tree.splits.images.items()}
+    labels = {s: torch.from_numpy(y) for s, y in tree.splits.labels.items()}
     data = SiteData(name, images, labels, num_classes=len(tree.class_names))
     logger.info("%s: %s images from %s (%s), %d files skipped", name,
                 "/".join(f"{s} {len(x)}" for s, x in images.items()), path, data_format,

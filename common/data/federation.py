@@ -1,6 +1,6 @@
 """The data of each simulated site: per-site train / validation / test splits.
 
-Each split of the data set (see :func:`common.image_datasets.load_image_dataset`) is
+Each split of the data set (see :func:`common.data.datasets.load_image_dataset`) is
 partitioned across sites with that site's class mix, so every site has its own
 train, validation and test data, disjoint from every other site's. The class mixes:
 
@@ -18,34 +18,19 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from common.data.datasets import dataset_channels, load_image_dataset
+from common.data.partition import binary_class_probs, partition_by_class_probs
+from common.data.splits import SPLITS, ImageSplits, SiteData
+from common.data.tensors import to_model_input
 from common.federation_config import ConfigError, FederationConfig
-from common.image_datasets import dataset_channels, load_image_dataset
-from common.image_tensors import to_model_input
-from common.medmnist_files import SPLITS, ImageSplits
-from common.site_partition import binary_class_probs, partition_by_class_probs
 
 logger = logging.getLogger(__name__)
 
 MIN_TRAIN_PER_SITE = 10
-
-
-@dataclass(frozen=True)
-class SiteData:
-    """One site's images (N, C, S, S) in [0, 1] and labels (N,) per split."""
-
-    name: str
-    images: dict[str, torch.Tensor]
-    labels: dict[str, torch.Tensor]
-    num_classes: int
-
-    @property
-    def in_channels(self) -> int:
-        return self.images["train"].shape[1]
 
 
 def site_name(index: int) -> str:
