@@ -75,7 +75,7 @@ def _is_user_error(exc: Exception) -> bool:
     path, so that no command loads more than its own side to run."""
     from common.backbones import BackboneError
     from common.federation_config import ConfigError
-    from common.medmnist_files import DataFileError
+    from common.data.splits import DataFileError
 
     return isinstance(exc, ConfigError | BackboneError | DataFileError)
 
