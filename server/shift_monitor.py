@@ -123,7 +123,7 @@ class ShiftMonitor:
             "counts": {n: c.tolist() for n, c in self._counts.items()},
             "total": {n: {"sums": m.sums.tolist(), "counts": m.counts.tolist(),
                           "sum_noise_var": m.sum_noise_var,
-                          "count_noise_var": m.count_noise_var}
+                          "count_noise_var": m.count_noise_var, "rounds": m.rounds}
                       for n, m in self._total.items()},
         }
 
@@ -137,7 +137,8 @@ class ShiftMonitor:
         self._total = {
             n: SiteMoments(np.asarray(m["sums"], dtype=np.float64),
                            np.asarray(m["counts"], dtype=np.float64),
-                           float(m["sum_noise_var"]), float(m["count_noise_var"]))
+                           float(m["sum_noise_var"]), float(m["count_noise_var"]),
+                           float(m.get("rounds", 1.0)))
             for n, m in state["total"].items()
         }
 
@@ -207,12 +208,13 @@ class ShiftMonitor:
         """Ask for this round's moments; score the round alone and the rounds so far.
 
         Sites centre their features on :attr:`centre`, which then moves to the
-        consensus core's class means of this round's releases. The first round,
-        with no centre yet, is released at a wide clip so that its class means
-        are not shrunk by clipping; from the next round on, releases at the
-        layout's clip accumulate.
+        median of the sites' class means of this round's releases. The first
+        round, with no centre yet, is released at a wide clip so that its class
+        means are not shrunk by clipping; from the next round on, releases at
+        the layout's clip accumulate.
         """
         clip = self._round_clip()
+        accumulating = clip == self.layout.clip
         replies = self._ask("moments", server_round, arrays,
                             centre=tuple(float(v) for v in self.centre.ravel()), clip=clip)
         shape = (self.num_classes, len(self.layout.layer_names), self.layout.width)
@@ -223,15 +225,14 @@ class ShiftMonitor:
             this_round[name] = SiteMoments(reply.sums, reply.counts,
                                            reply.sum_noise_std ** 2, reply.count_noise_std ** 2)
             self._counts[name] = self._counts.get(name, 0.0) + this_round[name].counts
-            if clip == self.layout.clip:
-                self._total[name] = (self._total[name] + this_round[name]
+            if accumulating:
+                self._total[name] = (self._total[name].then(this_round[name])
                                      if name in self._total else this_round[name])
         if this_round:
-            self.centre = self.centre + federation_centre(this_round, self.layout.layer_names,
-                                                          clip)
+            self.centre = self.centre + federation_centre(this_round)
         alone = self._scores(this_round, clip)
         accumulated = {n: self._total[n] for n in this_round if n in self._total}
-        cumulative = self._scores(accumulated, self.layout.clip) if accumulated else alone
+        cumulative = self._scores(accumulated, clip) if accumulated else alone
         entry = {"round": server_round, "clip": clip, "sites": {}}
         for name, score in cumulative.items():
             entry["sites"][name] = {**score, "round_score": alone[name]["covariate_score"],
