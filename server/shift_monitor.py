@@ -6,10 +6,11 @@ scores every site's covariate shift against the rest of the federation, for the
 round alone and accumulated over the rounds so far (the flag uses the
 accumulated evidence). After the last round :meth:`ShiftMonitor.deployment`
 asks for the score histograms of each site's validation split and deployment
-pool and derives the federation's confusion matrix (binary tasks: soft, from the
-calibrated posteriors fitted to all sites' validation histograms), every site's
-training and deployment priors (MLLS and BBSE), importance weights and
-concept-shift gap.
+pool, tests every pool for a shift of the model's outputs that a prior change
+cannot explain (:mod:`common.output_shift`) and derives the federation's
+confusion matrix (binary tasks: soft, from the calibrated posteriors fitted to
+all sites' validation histograms), every site's training and deployment priors
+(MLLS and BBSE), importance weights and concept-shift gap.
 Everything here is computed from DP releases only.
 
 Every reply is parsed with :class:`common.messages.MomentsReply` or
@@ -61,6 +62,7 @@ from common.messages import (
     Request,
 )
 from common.norm_moments import MomentLayout
+from common.output_shift import output_shifts
 from server.phase_progress import PhaseReporter
 from server.site_labels import SiteLabels, addressed_node, destinations
 
@@ -268,10 +270,14 @@ class ShiftMonitor:
         confusion = (confusion_given_true(sum(val.values()), cell_posteriors)
                      if val else None)
         training = self.training_priors()
+        outputs = output_shifts(pools, {n: parsed[n].pool_noise_std or 0.0 for n in pools},
+                                self.num_classes)
         sites: dict[str, Any] = {}
         gaps = {}
         for name, hist in val.items():
             row: dict[str, Any] = dict(self._final_covariate(name))
+            if name in outputs:
+                row.update(outputs[name].to_dict())
             train_prior = training.get(name, normalise(hist.sum(axis=1)))
             row["training_prior"] = train_prior.tolist()
             row["training_importance_weights"] = importance_weights(train_prior, fed_prior).tolist()
