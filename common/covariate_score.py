@@ -231,18 +231,32 @@ def consensus_core(sites: dict[str, SiteMoments], divergence: _Divergence, z: fl
     return [n for n in names if n in best]
 
 
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Median over the first axis of ``values`` with positive ``weights`` (one per row)."""
+    order = np.argsort(values, axis=0)
+    ranked = np.take_along_axis(values, order, axis=0)
+    cumulative = np.cumsum(weights[order], axis=0)
+    half = np.argmax(cumulative >= 0.5 * cumulative[-1], axis=0)
+    return np.take_along_axis(ranked, half[None], axis=0)[0]
+
+
 def federation_centre(sites: dict[str, SiteMoments]) -> np.ndarray:
     """(classes, layers, features) per-value median over sites of their released class means.
 
     In the coordinates the sites centred their features in; the server adds the
     centre it sent to obtain the next round's centre. The median sits amid the
     sites, so that the soft clip compresses shifted sites in either direction as
-    little as it can and one extreme site cannot move it far; it only centres the
-    releases, the reference the scores use is :func:`consensus_core`'s.
+    little as it can and one extreme site cannot move it far; each site's class
+    mean weighs as many images as it holds of the class, so that a class a site
+    barely has (a mean of noise) cannot move it either. It only centres the
+    releases; the reference the scores use is :func:`consensus_core`'s.
     Post-processing of the DP releases, so it costs no privacy.
     """
-    means = [m.sums[:, :, :-1] / _positive(m.counts)[:, None, None] for m in sites.values()]
-    return np.median(np.stack(means), axis=0)
+    counts = np.stack([_positive(m.counts) for m in sites.values()])
+    means = np.stack([m.sums[:, :, :-1] / _positive(m.counts)[:, None, None]
+                      for m in sites.values()])
+    return np.stack([_weighted_median(means[:, y], counts[:, y])
+                     for y in range(means.shape[1])])
 
 
 def covariate_scores(sites: dict[str, SiteMoments], layer_names: tuple[str, ...],

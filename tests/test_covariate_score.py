@@ -101,6 +101,16 @@ def test_federation_centre_is_the_median_of_the_sites_class_means() -> None:
     np.testing.assert_allclose(federation_centre(sites), BASE, atol=1e-12)
 
 
+def test_a_class_a_site_barely_has_does_not_move_the_centre() -> None:
+    sites = {"a": _moments(BASE, np.array([300, 700])),
+             "b": _moments(BASE + 0.1, np.array([600, 400]))}
+    for name in ("c", "d"):  # one class-0 image each, far away: half the sites
+        sites[name] = SiteMoments(np.full_like(sites["a"].sums, 50.0), np.array([1.0, 500.0]),
+                                  0.0)
+    centre = federation_centre(sites)
+    np.testing.assert_allclose(centre[0], BASE[0] + 0.1, atol=1e-12)
+
+
 def test_noisy_counts_far_from_the_centre_widen_the_threshold_not_the_flags() -> None:
     rng = np.random.default_rng(1)
     far = BASE + 3.0  # features far from the centre the sites used
