@@ -246,16 +246,18 @@ def federation_centre(sites: dict[str, SiteMoments]) -> np.ndarray:
     In the coordinates the sites centred their features in; the server adds the
     centre it sent to obtain the next round's centre. The median sits amid the
     sites, so that the soft clip compresses shifted sites in either direction as
-    little as it can and one extreme site cannot move it far; each site's class
-    mean weighs as many images as it holds of the class, so that a class a site
-    barely has (a mean of noise) cannot move it either. It only centres the
+    little as it can and one extreme site cannot move it far. A site's class mean
+    weighs as many images as it holds of the class, up to half the most any site
+    holds: a class a site barely has (a mean of noise) cannot move the centre,
+    while sites of ordinary sizes count alike. It only centres the
     releases; the reference the scores use is :func:`consensus_core`'s.
     Post-processing of the DP releases, so it costs no privacy.
     """
     counts = np.stack([_positive(m.counts) for m in sites.values()])
+    weights = np.minimum(counts, 0.5 * counts.max(axis=0))
     means = np.stack([m.sums[:, :, :-1] / _positive(m.counts)[:, None, None]
                       for m in sites.values()])
-    return np.stack([_weighted_median(means[:, y], counts[:, y])
+    return np.stack([_weighted_median(means[:, y], weights[:, y])
                      for y in range(means.shape[1])])
 
 
