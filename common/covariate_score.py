@@ -46,9 +46,9 @@ support, and so what to trust:
 * Moves of 0.45 per severity and beyond put the strongest sites at several
   times the soft clip's bound, where neighbouring severities differ by little:
   in 1 of 6 seeds the severity-2 and -3 sites were consistent with each other,
-  tied the two unshifted sites for the core and won the tie (a hard clip failed
-  2 of 6, with mean Spearman 0.36 against 0.67). The score is then still a flag
-  but its order is not to be read.
+  tied the two unshifted sites for the core and won the tie (at 0.6 and 0.9 a
+  hard clip failed 2 of 6, mean Spearman 0.36 against the soft clip's 0.67). The
+  score is then still a flag but its order is not to be read.
 * Small sites with a skewed prevalence (180 images, 20 % class 1) are so noisy
   that they are consistent with nearly every site and can join a shifted site
   into the core; their own scores carry wide thresholds.
