@@ -74,8 +74,8 @@ def _is_user_error(exc: Exception) -> bool:
     (one line on stderr, no traceback). Its classes are imported here, on the error
     path, so that no command loads more than its own side to run."""
     from common.backbones import BackboneError
-    from common.federation_config import ConfigError
     from common.data.splits import DataFileError
+    from common.federation_config import ConfigError
 
     return isinstance(exc, ConfigError | BackboneError | DataFileError)
 

@@ -14,15 +14,25 @@ A scanner or protocol change moves both in most layers at once, so two numbers p
 layer carry it; averaging over channels keeps their per-image noise small, and few
 released dimensions keep the DP noise needed per dimension small.
 
-Before clipping, each image's block is centred on a public per-class centre that
-the server sends (its pooled estimate from earlier rounds; zero at first): clipping
-then bounds deviations rather than the raw values, and the noisy class counts that
-turn sums into means barely matter. The block ``u`` is clipped to norm ``clip`` and
-one more value ``|u|^2 / clip`` is appended so that the receiver can tell the
-spread of the per-image values (the sampling noise of their mean) from their sum.
-A block's norm is then at most ``sqrt(2) * clip`` and an image's whole vector at
-most ``clip * sqrt(2 * layers)``: the sensitivity of the per-class sums released by
-:func:`common.private_summaries.noisy_class_sums`.
+Before bounding, each image's block is centred on a public per-class centre that
+the server sends (its pooled estimate from earlier rounds; zero at first): the
+bound then limits deviations rather than the raw values, and the noisy class counts
+that turn sums into means barely matter.
+
+Each centred feature ``v`` is bounded by a *soft* clip, ``v / (1 + |v| / b)`` with
+``b = clip / sqrt(features)`` (:func:`soft_clip`): strictly increasing in ``v`` and
+below ``b`` in size, so the block ``u`` has norm below ``clip`` as a hard clip to
+norm ``clip`` guaranteed, but a larger deviation always releases a larger value. A
+hard clip released the same value for every deviation beyond ``clip`` (about 0.2
+per feature at the default clip), so moderate and strong shifts looked alike; the
+soft clip compresses them (a deviation of ``b`` releases ``b / 2``, of ``3 b``
+releases ``3 b / 4``) without making them equal. One more value ``|u|^2 / clip``
+is appended so that the receiver can tell the spread of the per-image values (the
+sampling noise of their mean) from their sum. A block's norm is then at most
+``sqrt(2) * clip`` and an image's whole vector at most ``clip * sqrt(2 * layers)``,
+exactly the bound of the hard clip: the sensitivity of the per-class sums released
+by :func:`common.private_summaries.noisy_class_sums`, hence their noise and their
+ledger charge, are unchanged.
 """
 
 from __future__ import annotations
@@ -35,7 +45,6 @@ import torch
 from torch import nn
 
 from common.frozen_batchnorm import FrozenNorm
-from common.private_summaries import clip_rows
 
 FEATURES = ("offset", "spread")
 
@@ -49,7 +58,7 @@ class MomentLayout:
     layer_names : tuple[str, ...]
         Module names of the summarised normalisation layers.
     clip : float
-        Norm bound of a layer's (centred) feature block.
+        Norm bound of a layer's (centred, softly clipped) feature block.
     """
 
     layer_names: tuple[str, ...]
@@ -116,19 +125,33 @@ def layer_features(model: nn.Module, layout: MomentLayout, images: torch.Tensor,
     return torch.stack([torch.cat(r) for r in rows], dim=1).double().numpy()
 
 
+def soft_clip(values: np.ndarray, clip: float) -> np.ndarray:
+    """Centred features bounded per value by ``b = clip / sqrt(features)``, softly.
+
+    ``v / (1 + |v| / b)`` over the last axis (the features of one block): odd,
+    strictly increasing, equal to ``v`` to first order near 0 and below ``b`` in
+    size, so a block's norm stays below ``clip``.
+    """
+    bound = clip / math.sqrt(values.shape[-1])
+    return values / (1.0 + np.abs(values) / bound)
+
+
+def bounded_blocks(centred: np.ndarray, clip: float) -> np.ndarray:
+    """(N, layers, features + 1) release blocks from (N, layers, features) centred features.
+
+    Each block is :func:`soft_clip` of its features followed by ``|u|^2 / clip``.
+    """
+    u = soft_clip(centred, clip)
+    return np.concatenate([u, (u**2).sum(axis=-1, keepdims=True) / clip], axis=-1)
+
+
 def image_moments(model: nn.Module, layout: MomentLayout, images: torch.Tensor,
                   labels: np.ndarray, centre: np.ndarray, device: torch.device
                   ) -> np.ndarray:
-    """(N, layers, width) centred, clipped per-image blocks, ready to sum per class.
+    """(N, layers, width) centred, bounded per-image blocks, ready to sum per class.
 
     ``centre`` has :meth:`MomentLayout.centre_shape`; image ``i`` is centred on
     ``centre[labels[i]]``.
     """
     features = layer_features(model, layout, images, device)
-    u = features - centre[labels]
-    out = np.zeros((len(images), len(layout.layer_names), layout.width))
-    for j in range(len(layout.layer_names)):
-        block = clip_rows(u[:, j, :], layout.clip)
-        out[:, j, :-1] = block
-        out[:, j, -1] = (block**2).sum(axis=1) / layout.clip
-    return out
+    return bounded_blocks(features - centre[labels], layout.clip)

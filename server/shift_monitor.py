@@ -6,10 +6,11 @@ scores every site's covariate shift against the rest of the federation, for the
 round alone and accumulated over the rounds so far (the flag uses the
 accumulated evidence). After the last round :meth:`ShiftMonitor.deployment`
 asks for the score histograms of each site's validation split and deployment
-pool and derives the federation's confusion matrix (binary tasks: soft, from the
-calibrated posteriors fitted to all sites' validation histograms), every site's
-training and deployment priors (MLLS and BBSE), importance weights and
-concept-shift gap.
+pool, tests every pool for a shift of the model's outputs that a prior change
+cannot explain (:mod:`common.output_shift`) and derives the federation's
+confusion matrix (binary tasks: soft, from the calibrated posteriors fitted to
+all sites' validation histograms), every site's training and deployment priors
+(MLLS and BBSE), importance weights and concept-shift gap.
 Everything here is computed from DP releases only.
 
 Every reply is parsed with :class:`common.messages.MomentsReply` or
@@ -61,6 +62,7 @@ from common.messages import (
     Request,
 )
 from common.norm_moments import MomentLayout
+from common.output_shift import output_shifts
 from server.phase_progress import PhaseReporter
 from server.site_labels import SiteLabels, addressed_node, destinations
 
@@ -123,7 +125,7 @@ class ShiftMonitor:
             "counts": {n: c.tolist() for n, c in self._counts.items()},
             "total": {n: {"sums": m.sums.tolist(), "counts": m.counts.tolist(),
                           "sum_noise_var": m.sum_noise_var,
-                          "count_noise_var": m.count_noise_var}
+                          "count_noise_var": m.count_noise_var, "rounds": m.rounds}
                       for n, m in self._total.items()},
         }
 
@@ -137,7 +139,8 @@ class ShiftMonitor:
         self._total = {
             n: SiteMoments(np.asarray(m["sums"], dtype=np.float64),
                            np.asarray(m["counts"], dtype=np.float64),
-                           float(m["sum_noise_var"]), float(m["count_noise_var"]))
+                           float(m["sum_noise_var"]), float(m["count_noise_var"]),
+                           float(m.get("rounds", 1.0)))
             for n, m in state["total"].items()
         }
 
@@ -207,12 +210,13 @@ class ShiftMonitor:
         """Ask for this round's moments; score the round alone and the rounds so far.
 
         Sites centre their features on :attr:`centre`, which then moves to the
-        consensus core's class means of this round's releases. The first round,
-        with no centre yet, is released at a wide clip so that its class means
-        are not shrunk by clipping; from the next round on, releases at the
-        layout's clip accumulate.
+        median of the sites' class means of this round's releases. The first
+        round, with no centre yet, is released at a wide clip so that its class
+        means are not shrunk by clipping; from the next round on, releases at
+        the layout's clip accumulate.
         """
         clip = self._round_clip()
+        accumulating = clip == self.layout.clip
         replies = self._ask("moments", server_round, arrays,
                             centre=tuple(float(v) for v in self.centre.ravel()), clip=clip)
         shape = (self.num_classes, len(self.layout.layer_names), self.layout.width)
@@ -223,15 +227,14 @@ class ShiftMonitor:
             this_round[name] = SiteMoments(reply.sums, reply.counts,
                                            reply.sum_noise_std ** 2, reply.count_noise_std ** 2)
             self._counts[name] = self._counts.get(name, 0.0) + this_round[name].counts
-            if clip == self.layout.clip:
-                self._total[name] = (self._total[name] + this_round[name]
+            if accumulating:
+                self._total[name] = (self._total[name].then(this_round[name])
                                      if name in self._total else this_round[name])
         if this_round:
-            self.centre = self.centre + federation_centre(this_round, self.layout.layer_names,
-                                                          clip)
+            self.centre = self.centre + federation_centre(this_round)
         alone = self._scores(this_round, clip)
         accumulated = {n: self._total[n] for n in this_round if n in self._total}
-        cumulative = self._scores(accumulated, self.layout.clip) if accumulated else alone
+        cumulative = self._scores(accumulated, clip) if accumulated else alone
         entry = {"round": server_round, "clip": clip, "sites": {}}
         for name, score in cumulative.items():
             entry["sites"][name] = {**score, "round_score": alone[name]["covariate_score"],
@@ -267,10 +270,14 @@ class ShiftMonitor:
         confusion = (confusion_given_true(sum(val.values()), cell_posteriors)
                      if val else None)
         training = self.training_priors()
+        outputs = output_shifts(pools, {n: parsed[n].pool_noise_std or 0.0 for n in pools},
+                                self.num_classes)
         sites: dict[str, Any] = {}
         gaps = {}
         for name, hist in val.items():
             row: dict[str, Any] = dict(self._final_covariate(name))
+            if name in outputs:
+                row.update(outputs[name].to_dict())
             train_prior = training.get(name, normalise(hist.sum(axis=1)))
             row["training_prior"] = train_prior.tolist()
             row["training_importance_weights"] = importance_weights(train_prior, fed_prior).tolist()

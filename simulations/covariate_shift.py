@@ -16,13 +16,25 @@ clamped to [0, 1].
 - ``offset``: a brightness offset of ``0.05 * severity``.
 - ``scanner``: another scanner and protocol: ``blur`` and ``noise`` at half the
   severity, then ``gamma`` at the full severity.
+- ``inversion``: a wrong display window ending in inverted intensities (a
+  photometric interpretation read the other way): the linear lookup
+  ``a + (1 - 2 a) x`` with ``a = severity / 3`` (at most 1): contrast falls, is gone
+  at severity 1.5 and returns inverted, fully at 3.
+- ``portable``: a low-end (bedside) scanner: ``resolution`` then ``noise``, both at
+  the full severity.
+
+A site may have several shifts, applied in order (:class:`ShiftStep`,
+:func:`apply_shifts`); :func:`shift_seed` derives the seed of a site's split from
+the run's seed, the one rule both scenario files and studies use.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -35,6 +47,10 @@ NOISE_STD_PER_SEVERITY = 0.04
 BLUR_WIDTH_PER_SEVERITY = 0.02
 DOWNSAMPLE_PER_SEVERITY = 1.0
 OFFSET_PER_SEVERITY = 0.05
+INVERSION_FULL_SEVERITY = 3.0
+SHIFT_STREAM = 2
+"""The stream of a run's seed reserved for covariate shifts (scenario files number
+their other streams around it)."""
 
 
 def gamma(images: torch.Tensor, severity: float, generator: torch.Generator) -> torch.Tensor:
@@ -157,6 +173,39 @@ def scanner(images: torch.Tensor, severity: float, generator: torch.Generator) -
     return gamma(out, severity, generator)
 
 
+def inversion(images: torch.Tensor, severity: float, generator: torch.Generator
+              ) -> torch.Tensor:
+    """A wrong display window: ``a + (1 - 2 a) x`` with ``a = min(1, severity / 3)``.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        (N, C, S, S) floats in [0, 1].
+    severity : float
+        Strength of the shift, >= 0 (0: identity; 3 and more: fully inverted).
+    generator : torch.Generator
+        Unused (the shift is deterministic); part of the common signature.
+    """
+    a = min(1.0, severity / INVERSION_FULL_SEVERITY)
+    return a + (1.0 - 2.0 * a) * images
+
+
+def portable(images: torch.Tensor, severity: float, generator: torch.Generator
+             ) -> torch.Tensor:
+    """A low-end (bedside) scanner: lower resolution, then sensor noise, both at ``severity``.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        (N, C, S, S) floats in [0, 1].
+    severity : float
+        Strength of the shift, >= 0 (0: identity).
+    generator : torch.Generator
+        Source of the sensor noise.
+    """
+    return noise(resolution(images, severity, generator), severity, generator)
+
+
 SHIFTS: dict[str, Shift] = {
     "gamma": gamma,
     "noise": noise,
@@ -164,20 +213,48 @@ SHIFTS: dict[str, Shift] = {
     "resolution": resolution,
     "offset": offset,
     "scanner": scanner,
+    "inversion": inversion,
+    "portable": portable,
 }
 
 
-def apply_shift(images: torch.Tensor, kind: str, severity: float, seed: int = 0) -> torch.Tensor:
-    """Apply the shift ``kind`` of strength ``severity`` to an image batch.
+@dataclass(frozen=True)
+class ShiftStep:
+    """One covariate shift of a site: a kind of :data:`SHIFTS` at a severity.
+
+    Raises
+    ------
+    ConfigError
+        When ``kind`` is unknown or ``severity`` is negative or not finite.
+    """
+
+    kind: str
+    severity: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in SHIFTS:
+            raise ConfigError(
+                f"unknown covariate shift {self.kind!r}; valid kinds: {', '.join(SHIFTS)}"
+            )
+        usable = isinstance(self.severity, int | float) and not isinstance(self.severity, bool)
+        if not (usable and math.isfinite(self.severity) and self.severity >= 0):
+            raise ConfigError(
+                f"covariate shift severity must be a finite number >= 0 (0: none, 1-3: mild "
+                f"to strong), got {self.severity!r}"
+            )
+        object.__setattr__(self, "severity", float(self.severity))
+
+
+def apply_shifts(images: torch.Tensor, steps: Sequence[ShiftStep], seed: int = 0
+                 ) -> torch.Tensor:
+    """Apply ``steps`` in order to an image batch, all drawing from one seeded generator.
 
     Parameters
     ----------
     images : torch.Tensor
         (N, C, S, S) floats in [0, 1]; left unchanged.
-    kind : str
-        A name in :data:`SHIFTS`.
-    severity : float
-        Strength of the shift, >= 0 (0: identity; 1, 2, 3: mild, moderate, strong).
+    steps : Sequence[ShiftStep]
+        The shifts, applied first to last (none: the images as they are).
     seed : int (default: 0)
         Seed of the random parts (sensor noise); the same seed gives the same result.
 
@@ -188,25 +265,34 @@ def apply_shift(images: torch.Tensor, kind: str, severity: float, seed: int = 0)
 
     Raises
     ------
-    ConfigError
-        When ``kind`` is unknown or ``severity`` is negative or not finite.
     ValueError
         When ``images`` is not a float (N, C, S, S) batch.
     """
-    if kind not in SHIFTS:
-        raise ConfigError(
-            f"unknown covariate shift {kind!r}; valid kinds: {', '.join(SHIFTS)}"
-        )
-    usable = isinstance(severity, int | float) and not isinstance(severity, bool)
-    if not (usable and math.isfinite(severity) and severity >= 0):
-        raise ConfigError(
-            f"covariate shift severity must be a finite number >= 0 (0: none, 1-3: mild to "
-            f"strong), got {severity!r}"
-        )
     if images.ndim != 4 or images.shape[-1] != images.shape[-2] or not images.is_floating_point():
         raise ValueError(
             f"images have shape {tuple(images.shape)} and dtype {images.dtype}; expected "
             "floats (N, C, S, S) in [0, 1]"
         )
     generator = torch.Generator(device=images.device).manual_seed(seed)
-    return SHIFTS[kind](images, float(severity), generator).clamp(0.0, 1.0)
+    out = images
+    for step in steps:
+        out = SHIFTS[step.kind](out, step.severity, generator).clamp(0.0, 1.0)
+    return out.clone() if out is images else out
+
+
+def apply_shift(images: torch.Tensor, kind: str, severity: float, seed: int = 0) -> torch.Tensor:
+    """Apply the one shift ``kind`` of strength ``severity`` (see :func:`apply_shifts`).
+
+    Raises
+    ------
+    ConfigError
+        When ``kind`` is unknown or ``severity`` is negative or not finite.
+    ValueError
+        When ``images`` is not a float (N, C, S, S) batch.
+    """
+    return apply_shifts(images, (ShiftStep(kind, severity),), seed)
+
+
+def shift_seed(seed: int, site: int, split: int) -> int:
+    """Seed of the shifts of split number ``split`` of site number ``site`` in a run."""
+    return int(np.random.SeedSequence([seed, SHIFT_STREAM, site, split]).generate_state(1)[0])

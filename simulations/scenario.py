@@ -31,7 +31,8 @@ Layout::
     prevalence = 0.2                # class-1 fraction of train / val / test
     deploy_prevalence = 0.6         # class-1 fraction of the pool; default: prevalence
     train = 180                     # sizes: here or in [defaults]
-    covariate = {kind = "scanner", severity = 2}
+    covariate = {kind = "scanner", severity = 2}   # or several, applied in order:
+    # covariate = [{kind = "blur", severity = 2}, {kind = "noise", severity = 1}]
     concept = {fraction = 0.5, rule = "flip-positives"}
 """
 
@@ -54,7 +55,7 @@ from common.data.splits import POOL, SITE_SPLITS, SPLITS, ImageSplits, SiteData
 from common.data.tensors import to_model_input
 from common.federation_config import ConfigError, FederationConfig
 from common.messages import SITE_NAME_PATTERN
-from simulations.covariate_shift import SHIFTS, apply_shift
+from simulations.covariate_shift import SHIFTS, ShiftStep, apply_shifts, shift_seed
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +65,9 @@ SCENARIOS_DIR = Path(__file__).resolve().parent / "scenarios"
 # FederationConfig settings a scenario fixes itself, so [federation] may not set them.
 SCENARIO_SETTINGS = ("dataset", "seed", "num_sites", "prevalences", "scenario")
 
-# Independent random streams derived from the scenario seed.
-_PREVALENCE_STREAM, _SAMPLING_STREAM, _SHIFT_STREAM, _CONCEPT_STREAM = range(4)
+# Independent random streams derived from the scenario seed; stream 2 is the
+# covariate shifts' (simulations.covariate_shift.SHIFT_STREAM).
+_PREVALENCE_STREAM, _SAMPLING_STREAM, _CONCEPT_STREAM = 0, 1, 3
 
 Scalar = str | int | float | bool
 
@@ -146,39 +148,48 @@ CONCEPT_RULES: dict[str, ConceptRule] = {
 # ------------------------------------------------------------------------- specs
 
 
+def _shift_step(kind: Any, severity: Any, where: str) -> ShiftStep:
+    """One checked shift, with messages that name the scenario key."""
+    if kind not in SHIFTS:
+        raise ScenarioError(
+            f"{where}.kind = {kind!r} is not a known shift; use one of: "
+            f"{', '.join(COVARIATE_KINDS)}"
+        )
+    if not (_is_number(severity) and math.isfinite(severity) and severity >= 0):
+        raise ScenarioError(
+            f"{where}.severity = {severity!r} must be a number >= 0 "
+            "(1, 2, 3: mild, moderate, strong)"
+        )
+    return ShiftStep(kind, severity)
+
+
 @dataclass(frozen=True)
 class CovariateSpec:
-    """The covariate shift injected into one site's images.
+    """The covariate shifts injected into one site's images, applied in order.
 
     Parameters
     ----------
-    kind : str (default: "none")
-        ``"none"`` or a shift of :data:`simulations.covariate_shift.SHIFTS`.
-    severity : float (default: 0.0)
-        Strength, >= 0 (1, 2, 3: mild, moderate, strong); must be 0 with ``"none"``.
+    shifts : tuple[ShiftStep, ...] (default: none)
+        Shifts of :data:`simulations.covariate_shift.SHIFTS` with their severities.
     """
 
-    kind: str = NO_SHIFT
-    severity: float = 0.0
+    shifts: tuple[ShiftStep, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.kind not in COVARIATE_KINDS:
-            raise ScenarioError(
-                f"covariate.kind = {self.kind!r} is not a known shift; use one of: "
-                f"{', '.join(COVARIATE_KINDS)}"
-            )
-        if not (_is_number(self.severity) and math.isfinite(self.severity)
-                and self.severity >= 0):
-            raise ScenarioError(
-                f"covariate.severity = {self.severity!r} must be a number >= 0 "
-                "(1, 2, 3: mild, moderate, strong)"
-            )
-        if self.kind == NO_SHIFT and self.severity != 0:
-            raise ScenarioError(
-                f"covariate.severity = {self.severity!r} has no effect without a kind; set "
-                f"covariate.kind to one of {', '.join(SHIFTS)}, or drop the severity"
-            )
-        object.__setattr__(self, "severity", float(self.severity))
+        object.__setattr__(self, "shifts", tuple(self.shifts))
+        for step in self.shifts:
+            if not isinstance(step, ShiftStep):
+                raise ScenarioError(f"covariate shifts must be ShiftStep values, got {step!r}")
+
+    @property
+    def kind(self) -> str:
+        """``"none"``, the one kind, or the kinds joined by ``+`` in order."""
+        return "+".join(step.kind for step in self.shifts) or NO_SHIFT
+
+    @property
+    def severity(self) -> float:
+        """The largest severity of the site's shifts (0 without any): what scores rank."""
+        return max((step.severity for step in self.shifts), default=0.0)
 
 
 @dataclass(frozen=True)
@@ -372,14 +383,42 @@ def _check_keys(table: Mapping[str, Any], known: tuple[str, ...], where: str) ->
         )
 
 
-def _covariate(table: dict[str, Any]) -> CovariateSpec:
-    _check_keys(table, ("kind", "severity"), "covariate")
+def _covariate_entry(table: dict[str, Any], where: str) -> ShiftStep | None:
+    _check_keys(table, ("kind", "severity"), where)
     kind = table.get("kind", NO_SHIFT)
-    if kind != NO_SHIFT and "severity" not in table:
+    if kind == NO_SHIFT:
+        if table.get("severity", 0) != 0:
+            raise ScenarioError(
+                f"{where}.severity = {table['severity']!r} has no effect without a kind; set "
+                f"{where}.kind to one of {', '.join(SHIFTS)}, or drop the severity"
+            )
+        return None
+    if "severity" not in table:
         raise ScenarioError(
-            f"covariate.kind = {kind!r} needs a severity (1, 2, 3: mild, moderate, strong)"
+            f"{where}.kind = {kind!r} needs a severity (1, 2, 3: mild, moderate, strong)"
         )
-    return CovariateSpec(kind=kind, severity=table.get("severity", 0.0))
+    return _shift_step(kind, table["severity"], where)
+
+
+def _covariate(value: Any) -> CovariateSpec:
+    """``covariate``: one table ``{kind, severity}`` or an array of them, applied in order."""
+    if isinstance(value, dict):
+        step = _covariate_entry(value, "covariate")
+        return CovariateSpec(() if step is None else (step,))
+    if not isinstance(value, list) or not value:
+        raise ScenarioError(
+            f"covariate must be a table {{kind = ..., severity = ...}} or a non-empty array "
+            f"of them (applied in order), got {value!r}"
+        )
+    steps = []
+    for i, entry in enumerate(value):
+        where = f"covariate[{i}]"
+        step = _covariate_entry(_table(entry, where), where)
+        if step is None:
+            raise ScenarioError(f"{where} has no kind; every shift in an array needs one "
+                                f"of: {', '.join(SHIFTS)}")
+        steps.append(step)
+    return CovariateSpec(tuple(steps))
 
 
 def _concept(table: dict[str, Any]) -> ConceptSpec:
@@ -425,7 +464,7 @@ def _site(entry: dict[str, Any], index: int, defaults: dict[str, Any],
         return SiteSpec(
             name=name, prevalence=prevalence,
             deploy_prevalence=entry.get("deploy_prevalence", prevalence), **sizes,
-            covariate=_covariate(_table(entry.get("covariate", {}), "covariate")),
+            covariate=_covariate(entry.get("covariate", {})),
             concept=_concept(_table(entry.get("concept", {}), "concept")),
         )
     except ScenarioError as exc:
@@ -504,9 +543,9 @@ class SiteTruth:
     deployment_prior : tuple[float, ...]
         Class fractions of its pool's final hidden labels; empty when the pool is.
     covariate_kind : str
-        Injected covariate shift (``"none"`` if none).
+        Injected covariate shift (``"none"`` if none; several joined by ``+``).
     severity : float
-        Its severity.
+        Its severity (the largest of several).
     concept_fraction : float
         Share of class-1 labels relabelled by the concept rule (0: none).
     concept_rule : str
@@ -611,10 +650,8 @@ def build_sites(scenario: Scenario, splits: ImageSplits, image_size: int
         site_images, site_labels = {}, {}
         for j, split in enumerate(SITE_SPLITS):
             x = to_model_input(images[rows[split]], image_size)
-            if spec.covariate.kind != NO_SHIFT:
-                seed = np.random.SeedSequence([scenario.seed, _SHIFT_STREAM, i, j])
-                x = apply_shift(x, spec.covariate.kind, spec.covariate.severity,
-                                seed=int(seed.generate_state(1)[0]))
+            if spec.covariate.shifts:
+                x = apply_shifts(x, spec.covariate.shifts, shift_seed(scenario.seed, i, j))
             rule_rng = np.random.default_rng([scenario.seed, _CONCEPT_STREAM, i, j])
             y = CONCEPT_RULES[spec.concept.rule](labels[rows[split]], x,
                                                  spec.concept.fraction, rule_rng)

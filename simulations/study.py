@@ -64,9 +64,10 @@ from common.data.splits import SiteData
 from common.federation_config import ConfigError, FederationConfig
 from server.run_records import write_json
 from server.run_report import RESULTS_FILE
-from simulations.covariate_shift import apply_shift
+from simulations.covariate_shift import ShiftStep, apply_shifts, shift_seed
 from simulations.methods import get_method
 from simulations.runner import SimulatedSites
+from simulations.scenario import SITE_SPLITS
 
 logger = logging.getLogger(__name__)
 
@@ -280,11 +281,17 @@ def cell_config(study: Study, cell: Cell, data_dir: str, state_dir: Path) -> Fed
 
 
 def shifted_sites(sites: Iterable[SiteData], severity: float, seed: int) -> tuple[SiteData, ...]:
-    """The sites with a scanner shift of ``severity`` at every odd-numbered site."""
+    """The sites with a scanner shift of ``severity`` at every odd-numbered site.
+
+    Seeded as scenario files seed theirs (:func:`simulations.covariate_shift.shift_seed`
+    by site and split number).
+    """
+    steps = (ShiftStep(SHIFTED_KIND, severity),)
     out = []
     for index, site in enumerate(sites):
         if index % 2 == 1 and severity > 0:
-            images = {split: apply_shift(x, SHIFTED_KIND, severity, seed=seed * 1000 + index)
+            images = {split: apply_shifts(x, steps, shift_seed(seed, index,
+                                                               SITE_SPLITS.index(split)))
                       for split, x in site.images.items()}
             site = dataclasses.replace(site, images=images)
         out.append(site)

@@ -16,7 +16,13 @@ from common.data.medmnist_npz import load_medmnist
 from common.data.splits import SITE_SPLITS, SPLITS, ImageSplits
 from common.data.tensors import to_model_input
 from common.federation_config import ConfigError
-from simulations.covariate_shift import SHIFTS, apply_shift
+from simulations.covariate_shift import (
+    SHIFTS,
+    ShiftStep,
+    apply_shift,
+    apply_shifts,
+    shift_seed,
+)
 from simulations.scenario import (
     CONCEPT_RULES,
     SCENARIOS_DIR,
@@ -195,6 +201,14 @@ SITE = '[[sites]]\nname = "east"\ntrain = 10\nval = 4\ntest = 4\npool = 6\n'
      ["east", "covariate.severity = -1"]),
     (SITE + "prevalence = 0.5\ncovariate = {severity = 2}\n",
      ["east", "covariate.severity = 2", "kind"]),
+    (SITE + 'prevalence = 0.5\ncovariate = [{kind = "blur", severity = 1}, {kind = "nois", '
+     'severity = 1}]\n', ["east", "covariate[1].kind = 'nois'", "portable"]),
+    (SITE + 'prevalence = 0.5\ncovariate = [{kind = "blur", severity = 1}, {severity = 1}]\n',
+     ["east", "covariate[1]", "kind"]),
+    (SITE + 'prevalence = 0.5\ncovariate = [{kind = "blur"}]\n',
+     ["east", "covariate[0].kind = 'blur' needs a severity"]),
+    (SITE + "prevalence = 0.5\ncovariate = []\n", ["east", "covariate", "array"]),
+    (SITE + 'prevalence = 0.5\ncovariate = "blur"\n', ["east", "covariate", "table"]),
     (SITE + 'prevalence = 0.5\nconcept = {fraction = 0.5, rule = "swap"}\n',
      ["east", "concept.rule = 'swap'", "flip-positives"]),
     (SITE + "prevalence = 0.5\nconcept = {fraction = 1.5}\n",
@@ -409,3 +423,48 @@ def test_empty_pool_has_no_deployment_prior() -> None:
     assert truths[0].deployment_prior == ()
     assert sites[0].images["pool"].shape == (0, 1, 12, 12)
     assert truths[0].training_prior == (1.0, 0.0)
+
+
+def test_several_shifts_per_site_apply_in_order_with_one_seed(tmp_path: Path) -> None:
+    splits = synthetic_splits({"train": (60, 60), "val": (20, 20), "test": (20, 20)})
+    both = ('covariate = [{kind = "portable", severity = 2}, '
+            '{kind = "inversion", severity = 3}]\n')
+    scenario = load_scenario(write(tmp_path, MINIMAL + both))
+    spec = scenario.sites[1].covariate
+    assert [(s.kind, s.severity) for s in spec.shifts] == [("portable", 2.0), ("inversion", 3.0)]
+    assert spec.kind == "portable+inversion" and spec.severity == 3.0
+    # MINIMAL's last lines belong to its second site.
+    sites, truths = build_sites(scenario, splits, image_size=16)
+    clean = load_scenario(write(tmp_path, MINIMAL, "clean.toml"))
+    plain, _ = build_sites(clean, splits, image_size=16)
+    one = load_scenario(write(tmp_path, MINIMAL + 'covariate = {kind = "portable", severity = 2}\n',
+                              "one.toml"))
+    first, _ = build_sites(one, splits, image_size=16)
+    for split in SITE_SPLITS:
+        # The inversion is deterministic: applied after the portable scanner, it
+        # inverts exactly what the single-kind scenario with the same seed produced.
+        torch.testing.assert_close(sites[1].images[split], 1.0 - first[1].images[split])
+        assert not torch.equal(first[1].images[split], plain[1].images[split])
+    assert truths[1].covariate_kind == "portable+inversion" and truths[1].severity == 3.0
+
+
+def test_single_kind_seeding_is_unchanged_and_shared_with_studies() -> None:
+    images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    seed = shift_seed(5, 1, 2)
+    assert seed == int(np.random.SeedSequence([5, 2, 1, 2]).generate_state(1)[0])
+    assert torch.equal(apply_shifts(images, (ShiftStep("noise", 1.0),), seed),
+                       apply_shift(images, "noise", 1.0, seed=seed))
+    assert torch.equal(apply_shifts(images, (), seed), images)
+
+
+@pytest.mark.parametrize(("kind", "severity", "words"), [
+    ("blurr", 1.0, ["'blurr'", "inversion", "portable"]),
+    ("blur", -1.0, ["severity", "-1.0"]),
+    ("blur", True, ["severity", "True"]),
+])
+def test_bad_shift_steps_are_refused_with_the_valid_choices(kind: str, severity: float,
+                                                            words: list[str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        ShiftStep(kind, severity)
+    for word in words:
+        assert word in str(err.value)

@@ -67,7 +67,7 @@ def test_first_round_finds_the_centre_at_a_wide_clip_then_rounds_accumulate() ->
     first = grid.asked[:3]
     assert {c["moment-clip"] for c in first} == {LAYOUT.clip * CENTRING_CLIP_FACTOR}
     assert all(np.allclose(c["moment-centre"], 0.0) for c in first)
-    # The consensus core is the two sites that agree: their class means become the centre.
+    # The centre is the median of the sites' class means: the two that agree.
     np.testing.assert_allclose(monitor.centre, BASE, atol=1e-9)
 
     monitor.moments_round(2, arrays)
@@ -98,6 +98,8 @@ def test_queries_carry_the_run_key_and_deployment_reads_the_typed_reply() -> Non
     # the federation's calibration finds 0.5 exactly.
     assert site["deployment_prior_bbse"] == pytest.approx([0.5, 0.5], abs=1e-9)
     assert final["federation_calibration"]["converged"]
+    # Identical pools: nothing a prior change cannot explain.
+    assert site["output_shift_flagged"] is False and site["output_shift_distance"] < 1e-12
     assert monitor.refused == {}
 
 
