@@ -26,7 +26,8 @@ import logging
 import sys
 from dataclasses import dataclass
 
-DESCRIPTION = "The ``fedshift`` command line."
+DESCRIPTION = ("fedshift: federated fine-tuning for hospitals under differential privacy, "
+               "with each site's covariate and label shift estimated.")
 
 
 @dataclass(frozen=True)
