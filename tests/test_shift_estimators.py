@@ -16,6 +16,7 @@ from common.shift_estimators import (
     estimators_for,
     release_noise_multiplier,
 )
+from simulations.shift_scoring import score_shift
 
 SLOPE = 0.8
 SOURCE = np.array([0.4, 0.6])
@@ -159,3 +160,22 @@ def test_intervals_cover_the_true_prior_at_about_their_nominal_level(
             covered.append(estimator.score(estimate.to_dict(estimator.key), truth)[
                 f"{estimator.key}_covered"])
     assert np.mean(covered) >= 0.85, np.mean(covered)
+
+
+def test_scoring_reports_each_estimators_l1_and_interval_coverage_over_sites() -> None:
+    def site(low: float, high: float) -> dict:
+        estimate = {"prior": [0.4, 0.6], "interval": [[1 - high, 1 - low], [low, high]]}
+        return {**{f"deployment_prior{suffix}": estimate["prior"]
+                   for suffix in ("", "_mlls", "_bbse")},
+                **{f"deployment_prior{suffix}_interval": estimate["interval"]
+                   for suffix in ("", "_mlls", "_bbse")}}
+
+    final = {"sites": {"a": site(0.5, 0.7), "b": site(0.55, 0.65)}}
+    truths = [{"name": n, "training_prior": [0.5, 0.5], "deployment_prior": [0.32, 0.68],
+               "covariate_kind": "none", "severity": 0, "concept_fraction": 0}
+              for n in ("a", "b")]
+    scoring = score_shift(final, truths)
+    assert scoring["sites"]["a"]["deployment_prior_covered"]
+    assert not scoring["sites"]["b"]["deployment_prior_bbse_covered"]
+    assert scoring["sites"]["a"]["deployment_prior_mlls_l1"] == pytest.approx(0.16)
+    assert scoring["deployment_prior_coverage"] == scoring["deployment_prior_bbse_coverage"] == 0.5
