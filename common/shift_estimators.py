@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -144,16 +144,18 @@ class ShiftModel:
         return self.val_hist.shape[0]
 
     def shared(self) -> SharedCalibration:
+        """The calibration sent to the sites, with the confusion matrix its cell
+        posteriors give on the pooled validation histogram."""
         if self.calibration is not None:
             slope, bias = self.calibration.slope, self.calibration.bias
             prior = self.calibration.source_prior
         else:
             slope, bias = 1.0, 0.0
             prior = tuple(normalise(np.maximum(self.val_hist, 0).sum(axis=1)))
-        partial = SharedCalibration(slope, bias, tuple(float(p) for p in prior),
-                                    np.eye(self.num_classes))
-        return SharedCalibration(slope, bias, partial.source_prior,
-                                 confusion_given_true(self.val_hist, partial.cell_posteriors()))
+        identity = SharedCalibration(slope, bias, tuple(float(p) for p in prior),
+                                     np.eye(self.num_classes))
+        return replace(identity, confusion=confusion_given_true(
+            self.val_hist, identity.cell_posteriors()))
 
     def cell_given_class(self) -> np.ndarray:
         """(classes, bins) fitted distribution of a class's images over the cells."""
@@ -314,7 +316,8 @@ class BBSEEstimator(LabelShiftEstimator):
     Site and server solve ``C p = q``, ``q`` the pool's mean of the per-cell
     posteriors ``f`` (calibrated, binary; the predicted class, more classes).
     Release: the pool's soft class counts ``sum_i f(x_i)``; each image adds a
-    probability vector, of L2 norm at most 1: sensitivity 1. Two numbers instead of
+    probability vector, of L2 norm at most 1, whatever calibration the server sent:
+    sensitivity 1. Two numbers instead of
     a histogram's eight, so the same noise disturbs ``q`` less.
     """
 
