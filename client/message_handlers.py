@@ -45,12 +45,13 @@ from common.messages import (
     Refusal,
     Request,
     TrainReply,
+    ValidationReply,
 )
 from common.trainable_arrays import ArrayMismatch
 
 logger = logging.getLogger(__name__)
 
-Reply = TrainReply | EvaluateReply | MomentsReply | DeploymentReply
+Reply = TrainReply | EvaluateReply | MomentsReply | ValidationReply | DeploymentReply
 Handler = Callable[[SiteRuntime, ArrayRecord, Request], Reply]
 
 
@@ -59,7 +60,7 @@ class ReleaseNotAllowed(PermissionError):
 
 
 def _shift(site: SiteRuntime, arrays: ArrayRecord, request: Request
-           ) -> MomentsReply | DeploymentReply:
+           ) -> MomentsReply | ValidationReply | DeploymentReply:
     policy = site.policy
     refused = [key for key, allowed in (("shift_summaries", policy.shift_summaries),
                                         ("label_histograms", policy.label_histograms))

@@ -1,6 +1,6 @@
 """What a site answers to the server's shift queries (``query.shift``), Flower aside.
 
-Two kinds, chosen by the message's ``kind`` config value:
+Three kinds, chosen by the message's ``kind`` config value:
 
 ``moments`` (every round)
     DP per-class sums of per-image normalisation-input moments of the site's
@@ -9,15 +9,19 @@ Two kinds, chosen by the message's ``kind`` config value:
     through the same model), and DP per-class counts (the label histogram).
     Charged to the ``train`` part of the ledger, within the run's noise plan,
     which reserved the cost of one such release per round.
-``deployment`` (after the last round)
-    DP histograms of the global model's scores: of the labelled validation split
-    per true class (``validation`` part) and of the unlabelled deployment pool
-    (``deployment`` part), each at the run's ``histogram-noise``, under the model
-    the site predicts with (with its adapted statistics, where the run adapts).
-    From these the site fits its calibration, estimates its deployment priors by
-    MLLS and corrects its predictions by Bayes' rule; when the pool has audit
-    labels (simulations) it reports metrics with and without correction, a
-    non-DP release its policy must name (``audit-metrics``).
+``validation`` (after the last round)
+    A DP score histogram of the labelled validation split per true class
+    (``validation`` part, at the run's ``histogram-noise``), under the model the
+    site predicts with (with its adapted statistics, where the run adapts). The
+    server pools every site's into the federation's calibration.
+``deployment`` (then)
+    With the federation's calibration in the query (public: post-processing of
+    DP releases), the site estimates its pool's priors locally at full
+    precision, corrects its own predictions (nothing released; where its policy
+    names ``audit-metrics`` and the pool has audit labels, as in simulations, it
+    reports metrics with and without correction, a non-DP release) and releases
+    each label-shift estimator's statistic with Gaussian noise (``deployment``
+    part), as :mod:`common.shift_estimators` defines them.
 
 Every release's noise was fixed by the run's plan (:func:`client.site_work.noise_plan`),
 which reserved its cost before DP-SGD's noise was sized.
@@ -31,7 +35,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from client.privacy_ledger import BudgetExceeded, NoisePlan
+from client.privacy_ledger import BudgetExceeded
 from client.site_runtime import SiteRuntime
 from client.site_work import (
     allowed_extras,
@@ -44,18 +48,20 @@ from client.site_work import (
 from common.classification_metrics import classification_metrics
 from common.federation_config import ConfigError
 from common.label_shift import (
-    BINARY_CENTRES,
     correct_priors,
     expected_calibration_error,
-    fit_bcts,
     histogram,
-    mlls,
     score_bins,
 )
-from common.messages import DeploymentReply, MomentsReply, Request
+from common.messages import DeploymentReply, MomentsReply, Request, ValidationReply
 from common.norm_moments import image_moments, moment_layout
 from common.prediction import predict_logits
 from common.private_summaries import noisy_class_sums, noisy_histogram
+from common.shift_estimators import (
+    LabelShiftEstimator,
+    SharedCalibration,
+    estimators_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -113,78 +119,91 @@ def _metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
             "ece": expected_calibration_error(labels, probs)}
 
 
-def _histogram(site: SiteRuntime, plan: NoisePlan, part: str, counts: np.ndarray,
-               round_: int) -> tuple[np.ndarray, float]:
-    """``counts`` released with the noise the plan reserved for ``part``'s histogram."""
-    assert site.ledger is not None
-    what = f"{part} score histogram"
-    release = reserved_release(site, plan, "score-histogram", part, what)
+def validation_reply(site: SiteRuntime, arrays: ArrayRecord, request: Request
+                     ) -> ValidationReply:
+    """The DP score histogram of the validation split per true class (``validation`` part).
+
+    Each image adds 1 to one cell: sensitivity 1, noise std ``histogram-noise``.
+    """
+    if site.ledger is None:
+        raise ConfigError("shift summaries are DP releases; this run has DP turned off")
+    plan = noise_plan(site)
+    what = "validation score histogram"
+    release = reserved_release(site, plan, "score-histogram", "validation", what)
+    model = site_model(site, arrays)
+    logits = predict_logits(model, site.data.images["val"], site.device)
+    counts = histogram(score_bins(logits), site.data.labels["val"].numpy(), site.cfg.num_classes)
     noisy, release = noisy_histogram(counts, release.noise_multiplier, rng())
-    site.ledger.charge(release, site.run_key, round_, what, part, "score-histogram", plan)
-    return noisy, release.noise_multiplier
+    site.ledger.charge(release, site.run_key, request.server_round, what, "validation",
+                       "score-histogram", plan)
+    return ValidationReply(val_hist=noisy, val_noise_std=release.noise_multiplier,
+                           site=site.name)
 
 
 def deployment_reply(site: SiteRuntime, arrays: ArrayRecord, request: Request
                      ) -> DeploymentReply:
-    """DP score histograms of the validation split and the deployment pool, and corrections."""
+    """Every label-shift estimator's DP release about the pool, and the site's correction.
+
+    The site estimates its pool's priors locally with the federation's calibration
+    (the query's, public), corrects its own predictions with the primary estimate
+    (nothing released) and releases each estimator's bounded-sensitivity statistic
+    with the noise its reservation fixed (see :mod:`common.shift_estimators`).
+    """
     if site.ledger is None:
         raise ConfigError("shift summaries are DP releases; this run has DP turned off")
-    round_ = request.server_round
     k = site.cfg.num_classes
+    if request.calibration is None:
+        raise ConfigError("a deployment query must carry the federation's calibration")
+    try:
+        shared = SharedCalibration.from_values(request.calibration, k)
+    except ValueError as exc:
+        raise ConfigError(f"calibration: {exc}") from None
+    if "pool" not in site.data.images or not len(site.data.images["pool"]):
+        return DeploymentReply(site=site.name)
     plan = noise_plan(site)
-    has_pool = "pool" in site.data.images and len(site.data.images["pool"]) > 0
-    reserved_release(site, plan, "score-histogram", "validation", "validation score histogram")
-    if has_pool:
-        reserved_release(site, plan, "score-histogram", "deployment",
-                         "deployment score histogram")
-    model = site_model(site, arrays)
-    val_logits = predict_logits(model, site.data.images["val"], site.device)
-    val_labels = site.data.labels["val"].numpy()
-    val_hist, z_val = _histogram(site, plan, "validation",
-                                 histogram(score_bins(val_logits), val_labels, k), round_)
-    if not has_pool:
-        return DeploymentReply(val_hist=val_hist, val_noise_std=z_val, site=site.name)
-    pool_logits = predict_logits(model, site.data.images["pool"], site.device)
-    pool_hist, z_pool = _histogram(site, plan, "deployment",
-                                   histogram(score_bins(pool_logits), None, k), round_)
-    priors: tuple[float, ...] = ()
-    extras: dict[str, float] = {}
-    if k == 2:
-        priors, extras = _correction(site, val_hist, pool_hist, pool_logits, round_)
-    return DeploymentReply(val_hist=val_hist, val_noise_std=z_val, site=site.name,
-                           pool_hist=pool_hist, pool_noise_std=z_pool, priors=priors,
-                           extras=extras)
+    estimators = estimators_for(k)
+    releases = {e.name: reserved_release(site, plan, e.mechanism, "deployment",
+                                         f"{e.name} deployment-prior statistic")
+                for e in estimators}
+    logits = predict_logits(site_model(site, arrays), site.data.images["pool"], site.device)
+    cells = histogram(score_bins(logits), None, k)
+    released, stds = {}, {}
+    for estimator in estimators:
+        what = f"{estimator.name} deployment-prior statistic"
+        noisy, release = estimator.release(estimator.statistic(cells, shared),
+                                           releases[estimator.name].noise_multiplier, rng())
+        site.ledger.charge(release, site.run_key, request.server_round, what, "deployment",
+                           estimator.mechanism, plan)
+        released[estimator.name] = noisy
+        stds[estimator.name] = release.noise_multiplier * estimator.sensitivity
+    extras = _correction(site, logits, shared, estimators[0], request.server_round)
+    return DeploymentReply(site=site.name, releases=released, noise_stds=stds, extras=extras)
 
 
-def _correction(site: SiteRuntime, val_hist: np.ndarray, pool_hist: np.ndarray,
-                pool_logits: np.ndarray, round_: int
-                ) -> tuple[tuple[float, ...], dict[str, float]]:
-    """The site's MLLS priors (from its released histograms) and, where its policy allows
-    audit metrics and the pool has audit labels, metrics with and without correction."""
-    calibration = fit_bcts(val_hist)
-    if not calibration.converged:
-        logger.warning("%s: calibration fit from the validation histogram failed; the "
-                       "deployment prior uses the uncalibrated scores", site.name)
-    source = np.array(calibration.source_prior)
-    prior = mlls(pool_hist, calibration.posterior(BINARY_CENTRES), source)
-    priors = tuple(float(p) for p in prior)
+def _correction(site: SiteRuntime, pool_logits: np.ndarray, shared: SharedCalibration,
+                primary: LabelShiftEstimator, round_: int) -> dict[str, float]:
+    """Where the site's policy allows audit metrics and the pool has audit labels: metrics
+    with and without the correction by the site's own (local, unreleased) estimate."""
     labels = site.data.labels.get("pool")
     if labels is None or not site.policy.allows("audit-metrics"):
-        return priors, {}
-    labels_np = labels.numpy()
-    calibrated = calibration.posterior(pool_logits[:, 1] - pool_logits[:, 0])
-    corrected = correct_priors(calibrated, prior, source)
+        return {}
+    prior = primary.local_estimate(pool_logits, shared)
+    source = np.asarray(shared.source_prior)
     raw = torch.softmax(torch.from_numpy(pool_logits), dim=1).numpy()
+    calibrated = shared.image_posteriors(pool_logits) if site.cfg.num_classes == 2 else raw
+    corrected = correct_priors(calibrated, prior, source)
     out = {f"{name}.{key}": value
            for name, probs in (("raw", raw), ("uncorrected", calibrated),
                                ("corrected", corrected))
-           for key, value in _metrics(labels_np, probs).items()}
-    return priors, allowed_extras(site, round_, out)
+           for key, value in _metrics(labels.numpy(), probs).items()}
+    return allowed_extras(site, round_, out)
 
 
 def answer_shift_query(site: SiteRuntime, arrays: ArrayRecord, request: Request
-                       ) -> MomentsReply | DeploymentReply:
+                       ) -> MomentsReply | ValidationReply | DeploymentReply:
     """Dispatch on the query's ``kind`` (checked by :class:`common.messages.Request`)."""
     if request.kind == "moments":
         return moments_reply(site, arrays, request)
+    if request.kind == "validation":
+        return validation_reply(site, arrays, request)
     return deployment_reply(site, arrays, request)

@@ -33,6 +33,7 @@ from common.norm_adaptation import adaptation_release, apply_statistics, estimat
 from common.prediction import calibrated_predictions, predict_logits
 from common.privacy_accounting import GaussianRelease, noise_for_budget
 from common.private_summaries import class_sums_release, noisy_histogram
+from common.shift_estimators import estimators_for, release_noise_multiplier
 from common.trainable_arrays import load_trainable_arrays, trainable_arrays
 
 logger = logging.getLogger(__name__)
@@ -156,7 +157,11 @@ def reservations(site: SiteRuntime) -> tuple[Reservation, ...]:
     if shift:
         out.append(Reservation("score-histogram", "validation", cfg.histogram_noise, 1))
         if len(site.data.images.get("pool", ())):
-            out.append(Reservation("score-histogram", "deployment", cfg.histogram_noise, 1))
+            # The deployment pool's budget is one Gaussian mechanism at histogram-noise,
+            # shared equally by the label-shift estimators (common.shift_estimators).
+            noise = release_noise_multiplier(cfg.histogram_noise, cfg.num_classes)
+            out.extend(Reservation(e.mechanism, "deployment", noise, 1)
+                       for e in estimators_for(cfg.num_classes))
     return tuple(out)
 
 

@@ -40,9 +40,10 @@ PROXIMAL_MU = "proximal-mu"
 KIND = "kind"
 MOMENT_CENTRE = "moment-centre"
 MOMENT_CLIP = "moment-clip"
+CALIBRATION = "calibration"
 
 SHIFT_QUERY_TYPE = "query.shift"
-SHIFT_KINDS = ("moments", "deployment")
+SHIFT_KINDS = ("moments", "validation", "deployment")
 
 # Codes of a site's refusals (Flower ``Error`` replies); the reason says why.
 ERROR_BUDGET_EXCEEDED = 4001
@@ -135,8 +136,10 @@ class Request:
 
     ``run_key`` names the run in the site's ledger: the server's ``run-key``
     (kept across a server restart), else Flower's run id. ``kind``,
-    ``moment_centre`` and ``moment_clip`` belong to shift queries only;
-    ``proximal_mu`` to training only.
+    ``moment_centre``, ``moment_clip`` and ``calibration`` (the federation's
+    :class:`common.shift_estimators.SharedCalibration` values, sent with a
+    ``deployment`` query) belong to shift queries only; ``proximal_mu`` to training
+    only.
     """
 
     server_round: int
@@ -145,6 +148,7 @@ class Request:
     kind: str = ""
     moment_centre: tuple[float, ...] | None = None
     moment_clip: float | None = None
+    calibration: tuple[float, ...] | None = None
 
     def to_config(self) -> ConfigRecord:
         out: dict[str, Any] = {SERVER_ROUND: self.server_round, RUN_KEY: self.run_key}
@@ -156,6 +160,8 @@ class Request:
             out[MOMENT_CENTRE] = list(self.moment_centre)
         if self.moment_clip is not None:
             out[MOMENT_CLIP] = self.moment_clip
+        if self.calibration is not None:
+            out[CALIBRATION] = list(self.calibration)
         return ConfigRecord(out)
 
     @classmethod
@@ -169,7 +175,7 @@ class Request:
         config = content.config_records[CONFIG]
         shift = message_type == SHIFT_QUERY_TYPE
         known = {SERVER_ROUND, RUN_KEY}
-        known |= {KIND, MOMENT_CENTRE, MOMENT_CLIP} if shift else {PROXIMAL_MU}
+        known |= {KIND, MOMENT_CENTRE, MOMENT_CLIP, CALIBRATION} if shift else {PROXIMAL_MU}
         _no_unknown(config, known, what)
         round_ = _number(config, SERVER_ROUND, what, low=1, high=1e6, integer=True)
         key = config.get(RUN_KEY, default_run_key)
@@ -179,22 +185,28 @@ class Request:
         kind = ""
         centre = None
         clip = None
+        calibration = None
         if shift:
             kind = config.get(KIND, "")
             if kind not in SHIFT_KINDS:
                 raise _fail(what, KIND, f"must be one of {', '.join(SHIFT_KINDS)}, got {kind!r}")
             clip = _number(config, MOMENT_CLIP, what, low=1e-6, high=1e3, required=False)
             if MOMENT_CENTRE in config:
-                values = config[MOMENT_CENTRE]
-                if not isinstance(values, list) or not all(
-                        isinstance(v, int | float) and not isinstance(v, bool)
-                        and math.isfinite(v) for v in values):
-                    raise _fail(what, MOMENT_CENTRE, "must be a list of finite numbers")
-                centre = tuple(float(v) for v in values)
+                centre = _finite_list(config[MOMENT_CENTRE], what, MOMENT_CENTRE)
+            if CALIBRATION in config:
+                calibration = _finite_list(config[CALIBRATION], what, CALIBRATION)
         if ARRAYS not in content.array_records:
             raise MessageError(f"{what}: the message has no {ARRAYS!r} record")
         return cls(server_round=int(round_ or 0), run_key=check_run_key(key), proximal_mu=mu,
-                   kind=kind, moment_centre=centre, moment_clip=clip)
+                   kind=kind, moment_centre=centre, moment_clip=clip, calibration=calibration)
+
+
+def _finite_list(values: Any, what: str, key: str) -> tuple[float, ...]:
+    if not isinstance(values, list) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in values):
+        raise _fail(what, key, "must be a list of finite numbers")
+    return tuple(float(v) for v in values)
 
 
 # ---------------------------------------------------------------------- replies
@@ -355,51 +367,71 @@ class MomentsReply:
 
 
 @dataclass(frozen=True)
-class DeploymentReply:
-    """DP score histograms of the validation split and (where it has one) the deployment pool.
-
-    ``priors`` are the site's MLLS estimate of its pool's class priors (computed
-    from its released histograms: post-processing); ``extras`` the audit metrics
-    its configuration allows (``audit-metrics``).
-    """
+class ValidationReply:
+    """A site's DP score histogram of its labelled validation split (charged)."""
 
     val_hist: np.ndarray
     val_noise_std: float
     site: str
-    pool_hist: np.ndarray | None = None
-    pool_noise_std: float | None = None
-    priors: tuple[float, ...] = ()
-    extras: dict[str, float] = field(default_factory=dict)
-
-    PRIOR = "mlls-prior."
 
     def to_content(self) -> RecordDict:
-        arrays = {"val-hist": Array(np.ascontiguousarray(self.val_hist))}
-        metrics: dict[str, Any] = {"val-noise-std": self.val_noise_std, **self.extras}
-        if self.pool_hist is not None:
-            arrays["pool-hist"] = Array(np.ascontiguousarray(self.pool_hist))
-            metrics["pool-noise-std"] = self.pool_noise_std
-        metrics.update({f"{self.PRIOR}{c}": p for c, p in enumerate(self.priors)})
-        return RecordDict({SUMMARIES: ArrayRecord(arrays), METRICS: MetricRecord(metrics),
+        return RecordDict({
+            SUMMARIES: ArrayRecord({"val-hist": Array(np.ascontiguousarray(self.val_hist))}),
+            METRICS: MetricRecord({"val-noise-std": self.val_noise_std}),
+            SITE: _site_record(self.site)})
+
+    @classmethod
+    def parse(cls, msg: Message, hist_shape: tuple[int, int]) -> ValidationReply:
+        what = "validation reply"
+        content = msg.content
+        _records(content, what, {SUMMARIES}, {SITE}, {METRICS})
+        arrays, metrics = content.array_records[SUMMARIES], content.metric_records[METRICS]
+        _no_unknown(arrays, {"val-hist"}, what)
+        _no_unknown(metrics, {"val-noise-std"}, what)
+        return cls(
+            val_hist=_array(arrays, "val-hist", hist_shape, what),
+            val_noise_std=float(_number(metrics, "val-noise-std", what, low=0, high=1e6) or 0),
+            site=_site_label(content, what))
+
+
+@dataclass(frozen=True)
+class DeploymentReply:
+    """Each label-shift estimator's DP release about the site's deployment pool (charged).
+
+    ``releases`` maps an estimator's name to its noisy statistic and ``noise_stds``
+    to the std of the noise on each of its entries (a site without a pool sends
+    none); ``extras`` the audit metrics its configuration allows (``audit-metrics``).
+    """
+
+    site: str
+    releases: dict[str, np.ndarray] = field(default_factory=dict)
+    noise_stds: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, float] = field(default_factory=dict)
+
+    RELEASE = "release."
+    NOISE = "noise-std."
+
+    def to_content(self) -> RecordDict:
+        arrays = {f"{self.RELEASE}{n}": Array(np.ascontiguousarray(v))
+                  for n, v in self.releases.items()}
+        metrics: dict[str, Any] = {f"{self.NOISE}{n}": s for n, s in self.noise_stds.items()}
+        return RecordDict({SUMMARIES: ArrayRecord(arrays),
+                           METRICS: MetricRecord({**metrics, **self.extras}),
                            SITE: _site_record(self.site)})
 
     @classmethod
-    def parse(cls, msg: Message, hist_shape: tuple[int, int]) -> DeploymentReply:
+    def parse(cls, msg: Message, shapes: Mapping[str, tuple[int, ...]]) -> DeploymentReply:
+        """The reply, whose releases must be some of ``shapes`` (estimator name: shape)."""
         what = "deployment reply"
         content = msg.content
         _records(content, what, {SUMMARIES}, {SITE}, {METRICS})
         arrays, metrics = content.array_records[SUMMARIES], content.metric_records[METRICS]
-        _no_unknown(arrays, {"val-hist", "pool-hist"}, what)
-        has_pool = "pool-hist" in arrays
-        fixed = {"val-noise-std", *(["pool-noise-std"] if has_pool else [])}
-        priors = tuple(float(_number(metrics, f"{cls.PRIOR}{c}", what, low=0, high=1) or 0)
-                       for c in range(hist_shape[0]) if f"{cls.PRIOR}{c}" in metrics)
-        fixed |= {f"{cls.PRIOR}{c}" for c in range(len(priors))}
+        _no_unknown(arrays, {f"{cls.RELEASE}{n}" for n in shapes}, what)
+        names = [n for n in shapes if f"{cls.RELEASE}{n}" in arrays]
+        noise_keys = {f"{cls.NOISE}{n}" for n in names}
         return cls(
-            val_hist=_array(arrays, "val-hist", hist_shape, what),
-            val_noise_std=float(_number(metrics, "val-noise-std", what, low=0, high=1e6) or 0),
             site=_site_label(content, what),
-            pool_hist=_array(arrays, "pool-hist", (hist_shape[1],), what) if has_pool else None,
-            pool_noise_std=_number(metrics, "pool-noise-std", what, low=0, high=1e6,
-                                   required=has_pool),
-            priors=priors, extras=_extras(metrics, fixed, what))
+            releases={n: _array(arrays, f"{cls.RELEASE}{n}", shapes[n], what) for n in names},
+            noise_stds={n: float(_number(metrics, f"{cls.NOISE}{n}", what, low=1e-12,
+                                         high=1e6) or 0) for n in names},
+            extras=_extras(metrics, noise_keys, what))

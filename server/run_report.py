@@ -258,6 +258,16 @@ def _prior(value: Any, binary: bool) -> str:
     return "[" + ", ".join(f"{v:.2f}" for v in vector) + "]"
 
 
+def _prior_interval(estimate: dict[str, Any], key: str, binary: bool) -> str:
+    """A prior estimate with its 90 % interval where it has one: ``62% (55%-70%)``."""
+    shown = _prior(estimate.get(key), binary)
+    interval = estimate.get(f"{key}_interval")
+    if not isinstance(interval, list) or len(interval) != 2:
+        return shown
+    low, high = (_prior(bound, binary) for bound in interval)
+    return shown if MISSING in (low, high) else f"{shown} ({low}-{high})"
+
+
 def _weights(value: Any) -> str:
     vector = _vector(value)
     return MISSING if vector is None else ", ".join(f"{v:.2f}" for v in vector)
@@ -700,15 +710,16 @@ def _label_section(final: dict[str, Any], sites: list[str], binary: bool) -> lis
         return []
     unit = "the class-1 fraction" if binary else "class proportions"
     rows = [[s, _prior(_get(table, s, "training_prior"), binary),
-             _prior(_get(table, s, "deployment_prior"), binary),
-             _prior(_get(table, s, "deployment_prior_bbse"), binary),
+             _prior_interval(table.get(s) or {}, "deployment_prior", binary),
+             _prior_interval(table.get(s) or {}, "deployment_prior_bbse", binary),
              _weights(_get(table, s, "importance_weights"))] for s in sites]
     blocks: list[Block] = [
         Heading("Label shift"),
-        Paragraph(f"Class priors estimated from DP summaries, shown as {unit}. Federation "
-                  f"prior: {_prior(final.get('federation_prior'), binary)}."),
-        _table("label-shift", ["site", "training prior", "deployment prior (MLLS)",
-                               "deployment prior (BBSE)", "importance weights"], rows),
+        Paragraph(f"Class priors estimated from DP summaries, shown as {unit}; deployment "
+                  "priors with their 90 % interval (sampling, calibration and DP noise). "
+                  f"Federation prior: {_prior(final.get('federation_prior'), binary)}."),
+        _table("label-shift", ["site", "training prior", "deployment prior (MLLS, 90 %)",
+                               "deployment prior (BBSE, 90 %)", "importance weights"], rows),
     ]
     if binary:
         def class_one(key: str) -> list[float | None]:

@@ -5,12 +5,14 @@ Each round, after evaluation, :meth:`ShiftMonitor.moments_round` sends
 scores every site's covariate shift against the rest of the federation, for the
 round alone and accumulated over the rounds so far (the flag uses the
 accumulated evidence). After the last round :meth:`ShiftMonitor.deployment`
-asks for the score histograms of each site's validation split and deployment
-pool, tests every pool for a shift of the model's outputs that a prior change
-cannot explain (:mod:`common.output_shift`) and derives the federation's
-confusion matrix (binary tasks: soft, from the calibrated posteriors fitted to
-all sites' validation histograms), every site's training and deployment priors
-(MLLS and BBSE), importance weights and concept-shift gap.
+asks for the score histograms of each site's validation split, fits the
+federation's calibration and soft confusion matrix from them
+(:class:`common.shift_estimators.ShiftModel`), sends them with the deployment
+query, and turns each site's released estimator statistics into deployment
+priors with 90 % intervals (MLLS and BBSE, :mod:`common.shift_estimators`). The
+released pool histograms also go to a test of every pool for a shift of the
+model's outputs that a prior change cannot explain (:mod:`common.output_shift`);
+besides, every site's training prior, importance weights and concept-shift gap.
 Everything here is computed from DP releases only.
 
 Every reply is parsed with :class:`common.messages.MomentsReply` or
@@ -40,14 +42,10 @@ from common.covariate_score import (
 )
 from common.label_shift import (
     BINARY_CENTRES,
-    bbse,
     binary_posteriors,
     concept_gap,
-    confusion_given_true,
     correct_priors,
-    fit_bcts,
     importance_weights,
-    mlls,
     normalise,
     num_bins,
 )
@@ -60,16 +58,19 @@ from common.messages import (
     MessageError,
     MomentsReply,
     Request,
+    ValidationReply,
 )
 from common.norm_moments import MomentLayout
 from common.output_shift import output_shifts
+from common.shift_estimators import SharedCalibration, ShiftModel, estimators_for
 from server.phase_progress import PhaseReporter
 from server.site_labels import SiteLabels, addressed_node, destinations
 
 logger = logging.getLogger(__name__)
 
 CENTRING_CLIP_FACTOR = 4.0
-QUERY_PHASES = {"moments": "shift query", "deployment": "deployment query"}
+QUERY_PHASES = {"moments": "shift query", "validation": "deployment query",
+                "deployment": "deployment query"}
 """The progress phase (:data:`server.phase_progress.PHASES`) of each kind of query."""
 
 
@@ -116,6 +117,8 @@ class ShiftMonitor:
         self._counts: dict[str, np.ndarray] = {}
         self.centre = np.zeros(layout.centre_shape(num_classes))
         self.final: dict[str, Any] = {}
+        self._rng = np.random.default_rng()
+        self._replicates: list[SharedCalibration] | None = None
 
     def state(self) -> dict[str, Any]:
         """The monitor's state as JSON-safe values, for the server's checkpoint."""
@@ -145,11 +148,12 @@ class ShiftMonitor:
         }
 
     def _ask(self, kind: str, server_round: int, arrays: ArrayRecord,
-             centre: tuple[float, ...] | None = None, clip: float | None = None
-             ) -> dict[str, Message]:
+             centre: tuple[float, ...] | None = None, clip: float | None = None,
+             calibration: tuple[float, ...] | None = None) -> dict[str, Message]:
         """Send a ``kind`` query to every node; the replies that are not errors, by label."""
         config = Request(server_round=server_round, run_key=self.run_key, kind=kind,
-                         moment_centre=centre, moment_clip=clip).to_config()
+                         moment_centre=centre, moment_clip=clip,
+                         calibration=calibration).to_config()
         if not self.run_key:
             del config[RUN_KEY]
         messages = [
@@ -249,29 +253,28 @@ class ShiftMonitor:
         return {n: normalise(c) for n, c in self._counts.items()}
 
     def deployment(self, server_round: int, arrays: ArrayRecord) -> dict[str, Any]:
-        """Ask for the validation and pool histograms; estimate priors and concept shift."""
-        replies = self._ask("deployment", server_round, arrays)
+        """Ask for the validation histograms, fit the federation's calibration, send it
+        with the deployment query; estimate every site's priors (with intervals) and
+        concept shift."""
+        replies = self._ask("validation", server_round, arrays)
         shape = (self.num_classes, num_bins(self.num_classes))
-        parsed: dict[str, DeploymentReply] = self._parse(
-            replies, "deployment", server_round,
-            lambda msg: DeploymentReply.parse(msg, hist_shape=shape))
+        parsed: dict[str, ValidationReply] = self._parse(
+            replies, "validation", server_round,
+            lambda msg: ValidationReply.parse(msg, hist_shape=shape))
         val = {n: r.val_hist for n, r in parsed.items()}
-        pools = {n: r.pool_hist for n, r in parsed.items() if r.pool_hist is not None}
         counts = sum(self._counts.values()) if self._counts else None
         fed_prior = normalise(counts) if counts is not None else normalise(
             sum(v.sum(axis=1) for v in val.values()))
-        cell_posteriors, fed_calibration = None, None
-        if val and self.num_classes == 2:
-            # BBSE counts with the federation's calibrated posteriors (soft confusion):
-            # hard decisions at the raw score's sign leave the confusion matrix
-            # singular when a DP model puts every image on one side of 0.
-            fed_calibration = fit_bcts(sum(val.values()))
-            cell_posteriors = fed_calibration.posterior(BINARY_CENTRES)
-        confusion = (confusion_given_true(sum(val.values()), cell_posteriors)
-                     if val else None)
+        model = ShiftModel.fit(list(val.values()), [r.val_noise_std for r in parsed.values()]
+                               ) if val else None
+        if model is not None and model.calibration is not None and (
+                not model.calibration.converged):
+            logger.warning("the federation's calibration fit from the validation histograms "
+                           "failed; the deployment priors use the uncalibrated scores")
+        self._replicates = None
+        deployed = self._deployment_releases(server_round, arrays, model)
         training = self.training_priors()
-        outputs = output_shifts(pools, {n: parsed[n].pool_noise_std or 0.0 for n in pools},
-                                self.num_classes)
+        outputs = self._output_shifts(deployed)
         sites: dict[str, Any] = {}
         gaps = {}
         for name, hist in val.items():
@@ -286,27 +289,14 @@ class ShiftMonitor:
                 posteriors = correct_priors(binary_posteriors(BINARY_CENTRES), val_prior,
                                             fed_prior)
                 gaps[name] = concept_gap(hist, posteriors, parsed[name].val_noise_std)
-            if name in pools:
-                bb = bbse(pools[name], confusion, cell_posteriors)
-                if self.num_classes == 2:
-                    cal = fit_bcts(hist)
-                    row["calibration"] = {"slope": cal.slope, "bias": cal.bias,
-                                          "converged": cal.converged}
-                    if not cal.converged:
-                        logger.warning("%s: calibration fit from its validation histogram "
-                                       "failed; its MLLS prior uses the uncalibrated scores",
-                                       name)
-                    dep = mlls(pools[name], cal.posterior(BINARY_CENTRES),
-                               np.array(cal.source_prior))
-                else:
-                    dep = bb
-                row["deployment_prior"] = dep.tolist()
-                row["deployment_prior_bbse"] = bb.tolist()
-                row["importance_weights"] = importance_weights(dep, fed_prior).tolist()
-            if parsed[name].priors:
-                row["site_mlls_prior"] = list(parsed[name].priors)
-            row["metrics"] = _correction_metrics(parsed[name].extras)
             sites[name] = row
+        for name, reply in deployed.items():
+            row = sites.setdefault(name, {})
+            row.update(self._prior_estimates(reply, model))
+            if "deployment_prior" in row:
+                row["importance_weights"] = importance_weights(
+                    np.asarray(row["deployment_prior"]), fed_prior).tolist()
+            row["metrics"] = _correction_metrics(reply.extras)
         if gaps:
             median = float(np.median([g.gap for g in gaps.values()]))
             for name, g in gaps.items():
@@ -315,15 +305,56 @@ class ShiftMonitor:
                     "concept_gap": g.gap - median, "concept_threshold": threshold,
                     "concept_flagged": g.gap - median > threshold,
                 })
+        shared = model.shared() if model is not None else None
         self.final = {
             "federation_prior": fed_prior.tolist(),
-            "federation_confusion": confusion.tolist() if confusion is not None else None,
-            "federation_calibration": None if fed_calibration is None else {
-                "slope": fed_calibration.slope, "bias": fed_calibration.bias,
-                "converged": fed_calibration.converged},
+            "federation_confusion": None if shared is None else shared.confusion.tolist(),
+            "federation_calibration": None if model is None or model.calibration is None else {
+                "slope": model.calibration.slope, "bias": model.calibration.bias,
+                "converged": model.calibration.converged},
             "sites": sites,
         }
         return self.final
+
+    def _output_shifts(self, deployed: dict[str, DeploymentReply]) -> dict[str, Any]:
+        """BBSD on the pools' released histograms: the MLLS release (score cells) for
+        binary tasks, the BBSE release (predicted-class counts) otherwise."""
+        release = "mlls" if self.num_classes == 2 else "bbse"
+        pools = {n: r.releases[release] for n, r in deployed.items() if release in r.releases}
+        return output_shifts(pools, {n: deployed[n].noise_stds[release] for n in pools},
+                             self.num_classes)
+
+    def _deployment_releases(self, server_round: int, arrays: ArrayRecord,
+                             model: ShiftModel | None) -> dict[str, DeploymentReply]:
+        """Send the federation's calibration with the deployment query; the parsed replies."""
+        if model is None:
+            return {}
+        shapes = {e.name: e.statistic_shape(self.num_classes)
+                  for e in estimators_for(self.num_classes)}
+        replies = self._ask("deployment", server_round, arrays,
+                            calibration=model.shared().to_values())
+        return self._parse(replies, "deployment", server_round,
+                           lambda msg: DeploymentReply.parse(msg, shapes=shapes))
+
+    def _prior_estimates(self, reply: DeploymentReply, model: ShiftModel | None
+                         ) -> dict[str, Any]:
+        """Each estimator's released prior with its interval; the primary one (the first
+        registered that applies) also as ``deployment_prior``."""
+        out: dict[str, Any] = {}
+        if model is None:
+            return out
+        if self._replicates is None:
+            self._replicates = model.replicates(self._rng)
+        for estimator in estimators_for(self.num_classes):
+            if estimator.name not in reply.releases:
+                continue
+            estimate = estimator.combine(reply.releases[estimator.name],
+                                         reply.noise_stds[estimator.name], model,
+                                         self._replicates, self._rng)
+            out.update(estimate.to_dict(estimator.key))
+            if "deployment_prior" not in out:
+                out.update(estimate.to_dict("deployment_prior"))
+        return out
 
     def _final_covariate(self, name: str) -> dict[str, Any]:
         if not self.rounds or name not in self.rounds[-1]["sites"]:

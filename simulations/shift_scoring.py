@@ -8,6 +8,17 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
+from common.shift_estimators import ESTIMATORS
+
+
+def _covered(interval: Sequence[Sequence[float]] | None, truth: Sequence[float]
+             ) -> bool | None:
+    """Whether a [low, high] per-class interval holds the true prior of every class."""
+    if interval is None:
+        return None
+    low, high, true = (np.asarray(v, dtype=np.float64) for v in (*interval, truth))
+    return bool(np.all((low <= true + 1e-12) & (true <= high + 1e-12)))
+
 
 def _l1(estimate: Sequence[float] | None, truth: Sequence[float]) -> float | None:
     if estimate is None:
@@ -33,7 +44,10 @@ def score_shift(final: Mapping[str, Any], truths: Sequence[Mapping[str, Any]]) -
     Returns
     -------
     dict
-        ``sites`` (per-site L1 prior errors, flags and truth), the Spearman
+        ``sites`` (per-site L1 prior errors, whether each estimator's 90 % interval
+        covers the true deployment prior, flags and truth), the coverage of each
+        estimator's intervals over the sites (``deployment_prior_coverage`` for the
+        primary estimate, ``deployment_prior_<name>_coverage`` per estimator), the Spearman
         correlation of covariate scores with injected severity, the detection rate
         (shifted sites flagged), the false-flag rate (unshifted sites flagged) and
         the same two rates for concept shift.
@@ -50,8 +64,10 @@ def score_shift(final: Mapping[str, Any], truths: Sequence[Mapping[str, Any]]) -
             "true_deployment_prior": list(truth["deployment_prior"]),
             "training_prior_l1": _l1(est.get("training_prior"), truth["training_prior"]),
             "deployment_prior_l1": _l1(est.get("deployment_prior"), truth["deployment_prior"]),
-            "deployment_prior_bbse_l1": _l1(est.get("deployment_prior_bbse"),
-                                            truth["deployment_prior"]),
+            "deployment_prior_covered": _covered(est.get("deployment_prior_interval"),
+                                                 truth["deployment_prior"]),
+            **{k: v for e in ESTIMATORS.values()
+               for k, v in e.score(est, truth["deployment_prior"]).items()},
             "prevalence_change": float(truth["deployment_prior"][-1]
                                        - truth["training_prior"][-1]),
             "covariate_kind": truth["covariate_kind"], "severity": float(truth["severity"]),
@@ -69,8 +85,12 @@ def score_shift(final: Mapping[str, Any], truths: Sequence[Mapping[str, Any]]) -
                                    [s["covariate_score"] for s in scored]).statistic)
     flagged = [s for s in scored if s["covariate_flagged"] is not None]
     concept = [s for s in sites.values() if s["concept_flagged"] is not None]
+    coverage_keys = ["deployment_prior_covered",
+                     *(f"{e.key}_covered" for e in ESTIMATORS.values())]
     return {
         "sites": sites,
+        **{key.replace("_covered", "_coverage"): _rate(
+            [s[key] for s in sites.values() if s[key] is not None]) for key in coverage_keys},
         "spearman_covariate_severity": spearman,
         "detection_rate": _rate([s["covariate_flagged"] for s in flagged if s["shifted"]]),
         "false_flag_rate": _rate([s["covariate_flagged"] for s in flagged if not s["shifted"]]),

@@ -40,6 +40,7 @@ def shift_record() -> dict[str, Any]:
     final = {"site-0": _shift_site(0.012, False, 0.55), "site-1": _shift_site(0.2345, True, 0.7),
              "site-2": _shift_site(0.08, True, 0.3)}
     final["site-2"].update(metrics=None, deployment_prior_bbse=None, concept_gap=None)
+    final["site-1"]["deployment_prior_interval"] = [[0.38, 0.62], [0.2, 0.8]]
     rounds = [{"round": r, "sites": {
         "site-0": {"covariate_score": 0.01 * r, "covariate_threshold": 0.05,
                    "covariate_flagged": False},

@@ -92,7 +92,7 @@ def test_a_whole_run_stays_within_the_budget_by_an_independent_accountant(
         _send(cfg, MessageType.TRAIN, arrays, 1),
         _send(cfg, "query.shift", arrays, 1, kind="moments"),
         _send(cfg, MessageType.EVALUATE, arrays, 1),
-        _send(cfg, "query.shift", arrays, 1, kind="deployment"),
+        _send(cfg, "query.shift", arrays, 1, kind="validation"),
     ]
     allowed = {"metrics/weight", "metrics/confusion", "metrics/confusion-noise-std",
                "metrics/sum-noise-std", "metrics/count-noise-std", "metrics/val-noise-std",
@@ -115,7 +115,7 @@ def test_a_whole_run_stays_within_the_budget_by_an_independent_accountant(
     for message_type, round_, extra in ((MessageType.EVALUATE, 2, {}),
                                         (MessageType.TRAIN, 2, {}),
                                         ("query.shift", 2, {"kind": "moments"}),
-                                        ("query.shift", 3, {"kind": "deployment"})):
+                                        ("query.shift", 3, {"kind": "validation"})):
         reply = _send(cfg, message_type, arrays, round_, **extra)
         assert reply.error.code == ERROR_BUDGET_EXCEEDED, reply.error.reason
     assert _ledger_path(cfg).read_bytes() == before

@@ -26,7 +26,13 @@ from flwr.app import (
 )
 
 from common.label_shift import num_bins
-from common.messages import DeploymentReply, EvaluateReply, MomentsReply, TrainReply
+from common.messages import (
+    DeploymentReply,
+    EvaluateReply,
+    MomentsReply,
+    TrainReply,
+    ValidationReply,
+)
 from common.norm_moments import MomentLayout
 from server.shift_monitor import ShiftMonitor
 from server.strategy import FedShiftStrategy
@@ -186,10 +192,12 @@ class ShiftGrid:
                                        counts=np.array([50.0 * node, 50.0]),
                                        sum_noise_std=1.0, count_noise_std=1.0,
                                        site=name).to_content()
-            else:
+            elif msg.content["config"]["kind"] == "validation":
                 hist = np.full((2, num_bins(2)), 5.0)
-                content = DeploymentReply(val_hist=hist, val_noise_std=1.0,
+                content = ValidationReply(val_hist=hist, val_noise_std=1.0,
                                           site=name).to_content()
+            else:
+                content = DeploymentReply(site=name).to_content()
             replies.append(Message(content, reply_to=msg))
         return replies
 
@@ -218,13 +226,13 @@ def test_a_malformed_moments_reply_is_refused_and_the_round_goes_on(content: Rec
     assert set(monitor.rounds[0]["sites"]) == {"s1", "s2"}
 
 
-def test_a_malformed_deployment_reply_is_refused_and_the_others_are_estimated() -> None:
-    hist = DeploymentReply(val_hist=np.full((2, num_bins(2)), 5.0), val_noise_std=1.0,
+def test_a_malformed_validation_reply_is_refused_and_the_others_are_estimated() -> None:
+    hist = ValidationReply(val_hist=np.full((2, num_bins(2)), 5.0), val_noise_std=1.0,
                            site="s3").to_content()
     hist["metrics"] = MetricRecord({"val-noise-std": 1.0, "pool-size": 400})
     monitor = ShiftMonitor(ShiftGrid({3: hist}), LAYOUT, num_classes=2)
     final = monitor.deployment(1, ArrayRecord())
-    assert "unknown key(s) 'pool-size'" in monitor.refused["s3 (deployment, round 1)"]
+    assert "unknown key(s) 'pool-size'" in monitor.refused["s3 (validation, round 1)"]
     assert set(final["sites"]) == {"s1", "s2"}
 
 

@@ -174,6 +174,7 @@ def test_shift_sections(results: dict[str, Any], tmp_path: Path) -> None:
     assert "blocks.2.0.bn1" not in text  # only the first three layers
     assert _row("site-0", "20.0 %", "55.0 %", "53.0 %", "1.28, 0.85") in text
     assert "Federation prior: 65.0 %." in text
+    assert _row("site-1", "20.0 %", "70.0 % (62.0 %-80.0 %)", "53.0 %", "1.28, 0.85") in text
     assert _row("site-0", "corrected", "0.820", "0.800", "0.900", "0.410", "0.040",
                 "-0.040") in text
     # site-2's missing numbers are dashes, not errors

@@ -7,8 +7,9 @@ import pytest
 from flwr.app import ArrayRecord, Message
 
 from common.label_shift import num_bins
-from common.messages import SHIFT_QUERY_TYPE, DeploymentReply, MomentsReply
+from common.messages import SHIFT_QUERY_TYPE, DeploymentReply, MomentsReply, ValidationReply
 from common.norm_moments import MomentLayout
+from common.shift_estimators import ESTIMATORS, SharedCalibration
 from server.shift_monitor import CENTRING_CLIP_FACTOR, ShiftMonitor
 
 pytestmark = pytest.mark.usefixtures("server_identity")
@@ -41,11 +42,19 @@ class FakeGrid:
             config = dict(msg.content["config"])
             self.asked.append(config)
             node = msg.metadata.dst_node_id
+            if config["kind"] == "validation":
+                reply = ValidationReply(val_hist=self.val_hists[node], val_noise_std=1.0,
+                                        site=f"s{node}")
+                replies.append(Message(reply.to_content(), reply_to=msg))
+                continue
             if config["kind"] == "deployment":
-                reply = DeploymentReply(val_hist=self.val_hists[node], val_noise_std=1.0,
-                                        site=f"s{node}",
-                                        pool_hist=VAL_HIST.sum(axis=0), pool_noise_std=1.0,
-                                        priors=(0.4, 0.6), extras={"corrected.auroc": 0.9})
+                # The pool holds the validation images (100 of each class), released exactly.
+                shared = SharedCalibration.from_values(config["calibration"], 2)
+                stats = {name: e.statistic(VAL_HIST.sum(axis=0), shared)
+                         for name, e in ESTIMATORS.items()}
+                reply = DeploymentReply(site=f"s{node}", releases=stats,
+                                        noise_stds={name: 1.0 for name in stats},
+                                        extras={"corrected.auroc": 0.9})
                 replies.append(Message(reply.to_content(), reply_to=msg))
                 continue
             centre = np.asarray(config["moment-centre"]).reshape(BASE.shape)
@@ -82,21 +91,29 @@ def test_first_round_finds_the_centre_at_a_wide_clip_then_rounds_accumulate() ->
     np.testing.assert_allclose(monitor.training_priors()["s1"], COUNTS / COUNTS.sum())
 
 
-def test_queries_carry_the_run_key_and_deployment_reads_the_typed_reply() -> None:
+def test_deployment_sends_the_federations_calibration_and_reads_the_estimates() -> None:
     grid = FakeGrid()
     monitor = ShiftMonitor(grid, LAYOUT, num_classes=2, run_key="run-7")
     monitor.moments_round(1, ArrayRecord())
     final = monitor.deployment(1, ArrayRecord())
     assert {c["run-key"] for c in grid.asked} == {"run-7"}
-    assert set(grid.asked[-1]) == {"kind", "server-round", "run-key"}
+    assert [c["kind"] for c in grid.asked[3:]] == ["validation"] * 3 + ["deployment"] * 3
+    assert set(grid.asked[3]) == {"kind", "server-round", "run-key"}
+    # The calibration sent is the federation's, fitted to the pooled validation histograms.
+    calibration = final["federation_calibration"]
+    assert calibration["converged"] and calibration["slope"] > 0
+    sent = SharedCalibration.from_values(grid.asked[-1]["calibration"], 2)
+    assert (sent.slope, sent.bias) == (calibration["slope"], calibration["bias"])
     site = final["sites"]["s1"]
-    assert site["site_mlls_prior"] == [0.4, 0.6]
     assert site["metrics"] == {"corrected": {"auroc": 0.9}}
-    assert len(site["deployment_prior"]) == 2 and "concept_gap" in site
-    assert site["calibration"]["converged"] and site["calibration"]["slope"] > 0
-    # Every pool holds the validation images of both classes (100 each): soft BBSE with
-    # the federation's calibration finds 0.5 exactly.
-    assert site["deployment_prior_bbse"] == pytest.approx([0.5, 0.5], abs=1e-9)
+    assert "concept_gap" in site
+    # Every pool holds the validation images of both classes (100 each), released
+    # without noise: both estimators find 0.5 and their intervals hold it.
+    for key in ("deployment_prior", "deployment_prior_mlls", "deployment_prior_bbse"):
+        assert site[key] == pytest.approx([0.5, 0.5], abs=1e-4)
+        low, high = site[f"{key}_interval"]
+        assert low[1] <= 0.5 <= high[1] and 0 <= low[1] < high[1] <= 1
+    assert site["deployment_prior"] == site["deployment_prior_mlls"]
     assert final["federation_calibration"]["converged"]
     # Identical pools: nothing a prior change cannot explain.
     assert site["output_shift_flagged"] is False and site["output_shift_distance"] < 1e-12
@@ -106,13 +123,12 @@ def test_queries_carry_the_run_key_and_deployment_reads_the_typed_reply() -> Non
 def test_a_failed_calibration_is_recorded_and_falls_back_to_the_identity(
         caplog: pytest.LogCaptureFixture) -> None:
     grid = FakeGrid()
-    grid.val_hists[2] = VAL_HIST * np.array([[1.0], [0.0]])  # no class-1 validation image
+    one_class = VAL_HIST * np.array([[1.0], [0.0]])  # no class-1 validation image anywhere
+    grid.val_hists = {node: one_class for node in grid.val_hists}
     monitor = ShiftMonitor(grid, LAYOUT, num_classes=2)
     final = monitor.deployment(1, ArrayRecord())
-    assert final["sites"]["s2"]["calibration"] == {"slope": 1.0, "bias": 0.0,
-                                                    "converged": False}
-    assert final["sites"]["s1"]["calibration"]["converged"]
-    assert "s2: calibration fit" in caplog.text
+    assert final["federation_calibration"] == {"slope": 1.0, "bias": 0.0, "converged": False}
+    assert "calibration fit from the validation histograms failed" in caplog.text
 
 
 def test_without_a_run_key_none_is_sent() -> None:

@@ -25,6 +25,7 @@ from common.messages import ERROR_BAD_REQUEST, ERROR_BUDGET_EXCEEDED
 from common.model_surgery import build_model
 from common.norm_moments import image_moments, moment_layout
 from common.prediction import predict_logits
+from common.shift_estimators import SharedCalibration
 from common.trainable_arrays import trainable_arrays
 from tests.site_files import write_site
 
@@ -88,32 +89,56 @@ def test_moments_are_charged_to_the_train_part_within_the_plan(cfg: FederationCo
     assert ledger.path.read_text() == before
 
 
-def test_deployment_histograms_use_their_own_parts_and_report_corrections(
+CALIBRATION = SharedCalibration(1.2, -0.1, (0.4, 0.6),
+                                np.array([[0.7, 0.3], [0.3, 0.7]])).to_values()
+
+
+def test_validation_histogram_and_deployment_estimates_use_their_own_parts(
     cfg: FederationConfig,
 ) -> None:
     arrays = trainable_arrays(build_model(cfg.model_spec()))
     app = make_client_app(cfg, _with_pool, SitePolicy(non_dp=frozenset({"audit-metrics"})))
-    msg = Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(
-        {"kind": "deployment", "server-round": 1})}), dst_node_id=7, message_type="query.shift")
-    reply = app(msg, Context(run_id=42, node_id=7, node_config={"partition-id": 1},
-                             state=RecordDict(), run_config={}))
+
+    def ask(config: dict) -> Message:
+        msg = Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(config)}),
+                      dst_node_id=7, message_type="query.shift")
+        return app(msg, Context(run_id=42, node_id=7, node_config={"partition-id": 1},
+                                state=RecordDict(), run_config={}))
+
+    validation = ask({"kind": "validation", "server-round": 1})
+    assert not validation.has_error(), validation.error.reason
+    assert validation.content["summaries"]["val-hist"].numpy().shape == (2, 8)
+    assert validation.content["metrics"]["val-noise-std"] == cfg.histogram_noise
+    without = ask({"kind": "deployment", "server-round": 1})
+    assert without.has_error() and without.error.code == ERROR_BAD_REQUEST
+    reply = ask({"kind": "deployment", "server-round": 1, "calibration": list(CALIBRATION)})
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    summaries = reply.content["summaries"]
-    assert summaries["val-hist"].numpy().shape == (2, 8)
-    assert summaries["pool-hist"].numpy().shape == (8,)
+    summaries, metrics = reply.content["summaries"], reply.content["metrics"]
+    assert summaries["release.mlls"].numpy().shape == (8,)
+    assert summaries["release.bbse"].numpy().shape == (2,)
     ledger = _ledger(cfg)
-    for part in ("validation", "deployment"):
-        [entry] = [e for e in ledger.entries() if e.kind == "gaussian" and e.part == part]
-        assert (entry.mechanism, entry.noise_multiplier) == (
-            "score-histogram", cfg.histogram_noise)
+    [val_entry] = [e for e in ledger.entries() if e.kind == "gaussian" and e.part == "validation"]
+    assert (val_entry.mechanism, val_entry.noise_multiplier) == (
+        "score-histogram", cfg.histogram_noise)
+    deployed = {e.mechanism: e for e in ledger.entries()
+                if e.kind == "gaussian" and e.part == "deployment"}
+    assert set(deployed) == {"label-shift-mlls", "label-shift-bbse"}
+    for name, entry in (("mlls", deployed["label-shift-mlls"]),
+                        ("bbse", deployed["label-shift-bbse"])):
+        # The noise each release states is its charged multiplier x sensitivity (1), and
+        # the two releases together cost one Gaussian mechanism at histogram-noise.
+        assert metrics[f"noise-std.{name}"] == pytest.approx(entry.noise_multiplier)
+        assert entry.noise_multiplier == pytest.approx(cfg.histogram_noise * math.sqrt(2))
+    # Each pool image adds a probability vector to the soft counts: their sum is the pool
+    # size plus noise.
+    pool = len(_with_pool(cfg)[1].labels["pool"])
+    assert abs(summaries["release.bbse"].numpy().sum() - pool) < 6 * math.sqrt(2) * (
+        cfg.histogram_noise * math.sqrt(2))
     assert ledger.epsilon_spent("train") == 0.0
     assert [e.allowed_by for e in ledger.entries() if e.kind == "allowed"] == [
         "release audit-metrics"]
-    metrics = reply.content["metrics"]
-    assert metrics["val-noise-std"] == metrics["pool-noise-std"] == cfg.histogram_noise
     assert {"corrected.nll", "uncorrected.nll", "corrected.ece", "raw.auroc"} <= set(metrics)
-    assert metrics["mlls-prior.0"] + metrics["mlls-prior.1"] == pytest.approx(1.0)
-    again = _send(cfg, "query.shift", {"kind": "deployment", "server-round": 2}, arrays)
+    again = ask({"kind": "deployment", "server-round": 2, "calibration": list(CALIBRATION)})
     assert again.has_error() and again.error.code == ERROR_BUDGET_EXCEEDED
 
 
@@ -121,7 +146,7 @@ def test_unknown_query_kind_is_a_bad_request(cfg: FederationConfig) -> None:
     arrays = trainable_arrays(build_model(cfg.model_spec()))
     reply = _send(cfg, "query.shift", {"kind": "everything", "server-round": 1}, arrays)
     assert reply.has_error() and reply.error.code == ERROR_BAD_REQUEST
-    assert "moments, deployment" in reply.error.reason
+    assert "moments, validation, deployment" in reply.error.reason
 
 
 def test_server_clip_scales_the_noise_not_the_cost_and_bad_centres_cost_nothing(
@@ -148,20 +173,24 @@ def test_server_clip_scales_the_noise_not_the_cost_and_bad_centres_cost_nothing(
     assert entry.noise_multiplier == pytest.approx(cfg.moment_noise / math.sqrt(2))
 
 
-def test_a_deployed_sites_unlabelled_pool_gets_its_reserved_histogram(
+def test_a_deployed_sites_unlabelled_pool_gets_its_reserved_releases(
         tmp_path: Path) -> None:
     node = load_site_config(write_site(tmp_path, pool=6)).node_config()
     run = FederationConfig(image_size=16, num_rounds=1, moment_layers=4,
                            state_dir=str(tmp_path / "server-state"))
     arrays = trainable_arrays(build_model(run.model_spec()))
-    msg = Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(
-        {"kind": "deployment", "server-round": 1})}), dst_node_id=7, message_type="query.shift")
-    reply = make_client_app(run)(msg, Context(run_id=42, node_id=7, node_config=node,
-                                              state=RecordDict(), run_config={}))
-    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    assert reply.content["summaries"]["pool-hist"].numpy().shape == (8,)
+    for config in ({"kind": "validation", "server-round": 1},
+                   {"kind": "deployment", "server-round": 1, "calibration": list(CALIBRATION)}):
+        msg = Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord(config)}),
+                      dst_node_id=7, message_type="query.shift")
+        reply = make_client_app(run)(msg, Context(run_id=42, node_id=7, node_config=node,
+                                                  state=RecordDict(), run_config={}))
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert reply.content["summaries"]["release.mlls"].numpy().shape == (8,)
     ledger = PrivacyLedger(Path(node["ledger-path"]), 1.0, 1e-5)
-    assert {e.part for e in ledger.entries()} == {"validation", "deployment"}
+    assert {(e.part, e.mechanism) for e in ledger.entries()} == {
+        ("validation", "score-histogram"), ("deployment", "label-shift-mlls"),
+        ("deployment", "label-shift-bbse")}
 
 
 def test_moments_read_the_pretrained_statistics_and_deployment_the_sites_own(
@@ -186,8 +215,9 @@ def test_moments_read_the_pretrained_statistics_and_deployment_the_sites_own(
     monkeypatch.setattr(shift_queries, "image_moments", moments)
     monkeypatch.setattr(shift_queries, "predict_logits", logits)
     assert not _send(cfg, MessageType.TRAIN, {"server-round": 1}, arrays).has_error()
-    for kind in ("moments", "deployment"):
-        reply = _send(cfg, "query.shift", {"kind": kind, "server-round": 1}, arrays)
+    for extra in ({"kind": "moments"},
+                  {"kind": "deployment", "calibration": list(CALIBRATION)}):
+        reply = _send(cfg, "query.shift", {**extra, "server-round": 1}, arrays)
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     kept = load_statistics(Path(cfg.state_dir) / "ledgers" / "adapted-norms" / "site-1-42.npz")
     assert kept is not None
