@@ -2,8 +2,9 @@
 
 A round has phases: ``train`` and, in the rounds that evaluate, ``evaluate``
 (:mod:`server.app`); with shift estimation a ``shift query`` (the moment
-summaries) follows every round and a ``deployment query`` the last one
-(:mod:`server.shift_monitor`). Each phase sends messages to the sites and waits
+summaries) follows every round, and the last one ends with a ``calibration
+query`` (validation histograms, for the federation's calibration) and a
+``deployment query`` (:mod:`server.shift_monitor`). Each phase sends messages to the sites and waits
 for their replies; :class:`PhaseReporter` does that exchange and hands a
 :class:`PhaseProgress` to a callback before it (``answered`` None) and after it,
 so that a progress display can say which phase runs and how many sites have
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-PHASES = ("train", "evaluate", "shift query", "deployment query")
+PHASES = ("train", "evaluate", "shift query", "calibration query", "deployment query")
 
 
 @dataclass(frozen=True)

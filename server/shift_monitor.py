@@ -69,7 +69,7 @@ from server.site_labels import SiteLabels, addressed_node, destinations
 logger = logging.getLogger(__name__)
 
 CENTRING_CLIP_FACTOR = 4.0
-QUERY_PHASES = {"moments": "shift query", "validation": "deployment query",
+QUERY_PHASES = {"moments": "shift query", "validation": "calibration query",
                 "deployment": "deployment query"}
 """The progress phase (:data:`server.phase_progress.PHASES`) of each kind of query."""
 
@@ -97,7 +97,8 @@ class ShiftMonitor:
         alike. None: a new one.
     progress : PhaseReporter or None (default: None)
         Exchanges the queries with the sites and reports them as the phases
-        ``shift query`` and ``deployment query``. None: one that reports nothing.
+        ``shift query``, ``calibration query`` and ``deployment query``. None: one
+        that reports nothing.
     """
 
     def __init__(self, grid: Grid, layout: MomentLayout, num_classes: int,

@@ -87,5 +87,6 @@ def test_shift_queries_are_phases_too() -> None:
     monitor.deployment(4, ArrayRecord())
     assert [(e.server_round, e.phase, e.asked, e.answered) for e in events] == [
         (1, "shift query", 3, None), (1, "shift query", 3, 3),
+        (4, "calibration query", 3, None), (4, "calibration query", 3, 3),
         (4, "deployment query", 3, None), (4, "deployment query", 3, 3)]
     assert all(e.seconds is not None and e.seconds >= 0 for e in events if e.finished)
