@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.registry import Registry
+
 logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -57,22 +59,9 @@ class Backbone:
     std: tuple[float, float, float] = IMAGENET_STD
 
 
-BACKBONES: dict[str, Backbone] = {}
-
-
-def register_backbone(backbone: Backbone) -> Backbone:
-    """Add ``backbone`` to the registry under its name."""
-    BACKBONES[backbone.name] = backbone
-    return backbone
-
-
-def get_backbone(name: str) -> Backbone:
-    """Look up a backbone by name, with an error listing the known ones."""
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        known = ", ".join(sorted(BACKBONES))
-        raise BackboneError(f"unknown backbone {name!r}; choose one of: {known}") from None
+BACKBONES: Registry[Backbone] = Registry("backbone", BackboneError)
+register_backbone = BACKBONES.register
+get_backbone = BACKBONES.lookup
 
 
 def _load_state_file(path: Path) -> dict[str, torch.Tensor]:

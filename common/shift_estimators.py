@@ -57,6 +57,7 @@ from common.label_shift import (
     score_bins,
 )
 from common.privacy_accounting import GaussianRelease
+from common.registry import Registry
 
 INTERVAL_LEVEL = 0.90
 BOOTSTRAP_REPLICATES = 200
@@ -332,13 +333,8 @@ class BBSEEstimator(LabelShiftEstimator):
         return normalise(prior)
 
 
-ESTIMATORS: dict[str, LabelShiftEstimator] = {}
-
-
-def register_estimator(estimator: LabelShiftEstimator) -> LabelShiftEstimator:
-    """Add ``estimator`` to the registry under its name."""
-    ESTIMATORS[estimator.name] = estimator
-    return estimator
+ESTIMATORS: Registry[LabelShiftEstimator] = Registry("label-shift estimator", ValueError)
+register_estimator = ESTIMATORS.register
 
 
 register_estimator(MLLSEstimator())

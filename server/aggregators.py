@@ -37,6 +37,8 @@ from flwr.serverapp.strategy import (
     MultiKrum,
 )
 
+from common.registry import Registry
+
 FEDAVGM_MOMENTUM = 0.9
 """Server momentum of ``fedavgm`` (Hsu et al. 2019). Flower's default, 0, with its
 default server learning rate 1 makes FedAvgM FedAvg itself."""
@@ -92,22 +94,9 @@ class Aggregator:
         return self.strategy(**sampling, **self.options(settings))
 
 
-AGGREGATORS: dict[str, Aggregator] = {}
-
-
-def register_aggregator(aggregator: Aggregator) -> Aggregator:
-    """Add ``aggregator`` to the registry under its name."""
-    AGGREGATORS[aggregator.name] = aggregator
-    return aggregator
-
-
-def get_aggregator(name: str) -> Aggregator:
-    """Look up an aggregator by name, with an error listing the registered ones."""
-    try:
-        return AGGREGATORS[name]
-    except KeyError:
-        known = ", ".join(sorted(AGGREGATORS))
-        raise AggregatorError(f"unknown aggregator {name!r}; choose one of: {known}") from None
+AGGREGATORS: Registry[Aggregator] = Registry("aggregator", AggregatorError)
+register_aggregator = AGGREGATORS.register
+get_aggregator = AGGREGATORS.lookup
 
 
 def _server_lr(settings: AggregatorSettings) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from common.federation_config import NONPRIVATE_RECIPE, ConfigError, FederationConfig
+from common.registry import Registry
 from simulations.baselines import run_centralised, run_local_only
 from simulations.runner import SimulatedSites, simulate
 
@@ -70,23 +71,9 @@ class Method:
             raise ConfigError(f"method {self.name}: {exc}") from None
 
 
-METHODS: dict[str, Method] = {}
-
-
-def register_method(method: Method) -> Method:
-    """Add ``method`` to the registry under its name."""
-    METHODS[method.name] = method
-    return method
-
-
-def get_method(name: str) -> Method:
-    """Look up a method by name, with an error listing the known ones."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown method {name!r}; choose from: {', '.join(METHODS)}"
-        ) from None
+METHODS: Registry[Method] = Registry("method", ConfigError)
+register_method = METHODS.register
+get_method = METHODS.lookup
 
 
 register_method(Method(
