@@ -1,1 +1,1 @@
-"""The hospital side: Flower ClientApp, DP trainer and the site's privacy ledger."""
+"""The hospital side: Flower ClientApp, DP trainer, privacy ledger and `fedshift site`."""

@@ -1,1 +1,1 @@
-"""The coordinating side: Flower ServerApp, aggregation strategy and run records."""
+"""The coordinating side: Flower ServerApp, aggregation, checkpoint, records and report."""

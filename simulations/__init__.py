@@ -1,1 +1,1 @@
-"""Simulated federations on Flower's simulation engine, benchmarks and the CLI."""
+"""Simulated federations with ground truth: `fedshift simulate`, scenarios, studies, benchmarks."""
