@@ -50,6 +50,9 @@ delta = 1e-5
 clip = 0.1
 ledger = "ledger.json"
 
+[operating_point]
+own_model_epochs = 0
+
 [superlink]
 address = "127.0.0.1:{federation.port}"
 ca_certificate = "{federation.creds.ca_certificate}"
