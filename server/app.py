@@ -15,6 +15,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
+from common.atomic_files import save_arrays
 from common.federation_config import FederationConfig
 from common.messages import Request
 from common.model_surgery import build_model
@@ -34,7 +35,6 @@ from server.run_records import (
     FINAL_ARRAYS_FILE,
     HISTORY_FILE,
     SHIFT_FILE,
-    save_arrays,
     write_json,
 )
 from server.shift_monitor import ShiftMonitor

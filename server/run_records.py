@@ -1,8 +1,8 @@
-"""What the server keeps of a run: its history (JSON) and final parameters (npz).
+"""What the server keeps of a run: its history (JSON) and the names of its record files.
 
-The final parameters are written and read with the one npz writer,
-:func:`common.atomic_files.save_arrays` and :func:`~common.atomic_files.load_arrays`,
-named here too for the code that keeps a run's records.
+The final parameters (:data:`FINAL_ARRAYS_FILE`) are written and read with the one
+npz writer, :func:`common.atomic_files.save_arrays` and
+:func:`~common.atomic_files.load_arrays`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from common.atomic_files import atomic_write_text, load_arrays, save_arrays
-
-__all__ = ["FINAL_ARRAYS_FILE", "HISTORY_FILE", "SHIFT_FILE", "load_arrays", "save_arrays",
-           "write_json"]
+from common.atomic_files import atomic_write_text
 
 HISTORY_FILE = "history.json"
 SHIFT_FILE = "shift.json"

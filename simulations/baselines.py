@@ -25,12 +25,13 @@ from flwr.app import ArrayRecord
 from client.privacy_ledger import PrivacyLedger
 from client.site_runtime import SiteRuntime, resolve_device, resolve_site, simulated_ledger_path
 from client.site_work import site_model, train_site
+from common.atomic_files import save_arrays
 from common.data.splits import SiteData
 from common.federation_config import FederationConfig
 from common.messages import Request
 from common.model_surgery import FedShiftModel, build_model
 from common.trainable_arrays import full_model_bytes, trainable_arrays
-from server.run_records import FINAL_ARRAYS_FILE, save_arrays, write_json
+from server.run_records import FINAL_ARRAYS_FILE, write_json
 from server.run_report import RESULTS_FILE
 from simulations.runner import collect_results, ledger_figures
 

@@ -29,6 +29,7 @@ from client.privacy_ledger import PARTS, PrivacyLedger
 from client.release_policy import SitePolicy
 from client.site_runtime import resolve_device, resolve_site, simulated_ledger_path
 from client.site_work import site_model
+from common.atomic_files import load_arrays
 from common.classification_metrics import classification_metrics
 from common.data.datasets import load_image_dataset
 from common.data.federation import load_federation
@@ -44,7 +45,6 @@ from server.run_records import (
     FINAL_ARRAYS_FILE,
     HISTORY_FILE,
     SHIFT_FILE,
-    load_arrays,
     write_json,
 )
 from server.run_report import RESULTS_FILE

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
+from common.atomic_files import load_arrays
 from common.federation_config import FederationConfig
 from server.app import run_federation
 from server.checkpoint import (
@@ -20,7 +21,7 @@ from server.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from server.run_records import FINAL_ARRAYS_FILE, HISTORY_FILE, load_arrays
+from server.run_records import FINAL_ARRAYS_FILE, HISTORY_FILE
 from tests.fake_grids import Crash, TrainingGrid
 
 

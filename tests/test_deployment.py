@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 from client.privacy_ledger import PrivacyLedger
+from common.atomic_files import load_arrays
 from common.federation_config import FederationConfig
 from server.checkpoint import CHECKPOINT_FILE, config_fingerprint, load_checkpoint
-from server.run_records import FINAL_ARRAYS_FILE, HISTORY_FILE, load_arrays
+from server.run_records import FINAL_ARRAYS_FILE, HISTORY_FILE
 from tests.loopback_federation import LoopbackFederation, free_port, wait_for
 from tests.site_files import write_medmnist_slice
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.atomic_files import load_arrays
 from common.federation_config import FederationConfig
 from server.aggregators import AggregatorError
 from server.app import run_federation
-from server.run_records import FINAL_ARRAYS_FILE, HISTORY_FILE, load_arrays
+from server.run_records import FINAL_ARRAYS_FILE, HISTORY_FILE
 from tests.fake_grids import CONFUSION, STEP, TrainingGrid
 
 pytestmark = pytest.mark.usefixtures("server_identity")

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 
 from client.site_norms import norms_path, save_statistics
+from common.atomic_files import load_arrays, save_arrays
 from common.data.federation import load_federation
 from common.federation_config import FederationConfig
 from common.model_surgery import build_model
 from common.norm_adaptation import NormStatistics, adapted_layers
 from common.privacy_accounting import PRV_EPS_ERROR
 from common.trainable_arrays import trainable_arrays
-from server.run_records import FINAL_ARRAYS_FILE, HISTORY_FILE, load_arrays, save_arrays, write_json
+from server.run_records import FINAL_ARRAYS_FILE, HISTORY_FILE, write_json
 from simulations.runner import RESULTS_FILE, _final_model_for, simulate
 from tests import independent_accountant
 
